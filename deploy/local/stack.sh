@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# weir's local stack: a throwaway PostgreSQL and a tansu broker (Apache Kafka
+# protocol, written in Rust), both on loopback, both provisioned idempotently.
+#
+#   deploy/local/stack.sh up       install what is missing, start both, print the settings
+#   deploy/local/stack.sh env      print the settings (as `export` lines) without starting anything
+#   deploy/local/stack.sh status   say what runs
+#   deploy/local/stack.sh down     stop both (data is kept; tansu's is in memory and goes)
+#   deploy/local/stack.sh destroy  stop both and delete the PostgreSQL data directory
+#
+# `eval "$(deploy/local/stack.sh up)"` leaves the settings in the shell.
+# Log lines go to stderr, settings to stdout.
+#
+# Knobs (environment):
+#   WEIR_CACHE_DIR        where slow installs are cached (default ~/.cache/weir)
+#   WEIR_STACK_DIR        data, logs and pid files (default /tmp/weir-stack)
+#   WEIR_STACK_PG_PORT    PostgreSQL port (default 55432)
+#   WEIR_STACK_KAFKA_PORT tansu port (default 19092)
+set -euo pipefail
+
+CACHE_DIR=${WEIR_CACHE_DIR:-$HOME/.cache/weir}
+STACK_DIR=${WEIR_STACK_DIR:-/tmp/weir-stack}
+PG_PORT=${WEIR_STACK_PG_PORT:-55432}
+KAFKA_PORT=${WEIR_STACK_KAFKA_PORT:-19092}
+TANSU_VERSION=0.6.0
+TANSU_ROOT="$CACHE_DIR/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_ROOT/bin/tansu"
+PG_DATA="$STACK_DIR/pg"
+PG_DB=weir
+
+log() { echo "stack: $*" >&2; }
+die() {
+  echo "stack: error: $*" >&2
+  exit 1
+}
+
+# Runs a command with root rights: directly as root, else through sudo.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root (or sudo) to run: $*"
+  fi
+}
+
+# initdb refuses to run as root: the server runs as the `postgres` user then.
+as_pg_owner() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+pg_bindir() {
+  local dir
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$dir/initdb" ]; then
+      echo "$dir"
+      return 0
+    fi
+  done
+  if command -v pg_config >/dev/null 2>&1; then
+    dir=$(pg_config --bindir)
+    if [ -x "$dir/initdb" ]; then
+      echo "$dir"
+      return 0
+    fi
+  fi
+  return 1
+}
+
+ensure_postgres_installed() {
+  if pg_bindir >/dev/null; then
+    return 0
+  fi
+  log "PostgreSQL server binaries not found: installing Debian's postgresql package"
+  command -v apt-get >/dev/null 2>&1 || die "no PostgreSQL server binaries and no apt-get: install PostgreSQL 15+ server binaries"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+  pg_bindir >/dev/null || die "postgresql installed but initdb still not found"
+}
+
+ensure_tansu_installed() {
+  if [ -x "$TANSU_BIN" ]; then
+    return 0
+  fi
+  command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
+  log "installing tansu $TANSU_VERSION into $TANSU_ROOT (cached; about 10 minutes on 2 cores, once)"
+  mkdir -p "$TANSU_ROOT"
+  # dynostore: without it tansu's in-memory storage engine refuses to start.
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+    --root "$TANSU_ROOT" >&2
+  [ -x "$TANSU_BIN" ] || die "cargo install tansu finished but $TANSU_BIN is missing"
+}
+
+pg_running() {
+  [ -f "$PG_DATA/postmaster.pid" ] || return 1
+  as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1
+}
+
+start_postgres() {
+  local bindir
+  bindir=$(pg_bindir)
+  mkdir -p "$STACK_DIR"
+  chmod 755 "$STACK_DIR"
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    log "initdb $PG_DATA"
+    mkdir -p "$PG_DATA"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$PG_DATA"; fi
+    chmod 700 "$PG_DATA"
+    as_pg_owner "$bindir/initdb" -D "$PG_DATA" -U postgres --auth=trust \
+      --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+    # Trust, but on loopback only: this cluster is a throwaway for local runs and tests.
+    as_pg_owner tee "$PG_DATA/pg_hba.conf" >/dev/null <<EOF
+local all all trust
+host  all all 127.0.0.1/32 trust
+host  all all ::1/128 trust
+EOF
+    as_pg_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null <<EOF
+# weir local stack
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DATA'
+max_connections = 300
+shared_buffers = '512MB'
+max_wal_size = '4GB'
+checkpoint_timeout = '15min'
+logging_collector = off
+EOF
+  fi
+  if pg_running; then
+    log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+  else
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    touch "$STACK_DIR/pg.log"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$STACK_DIR/pg.log"; fi
+    as_pg_owner "$bindir/pg_ctl" -D "$PG_DATA" -l "$STACK_DIR/pg.log" -w -t 60 start >/dev/null ||
+      die "PostgreSQL did not start; see $STACK_DIR/pg.log"
+  fi
+  if ! "$bindir/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1; then
+    "$bindir/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres "$PG_DB"
+  fi
+}
+
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+tansu_running() {
+  [ -f "$STACK_DIR/tansu.pid" ] && kill -0 "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null && port_open "$KAFKA_PORT"
+}
+
+start_tansu() {
+  mkdir -p "$STACK_DIR"
+  if tansu_running; then
+    log "tansu already running on 127.0.0.1:$KAFKA_PORT"
+    return 0
+  fi
+  if port_open "$KAFKA_PORT"; then
+    die "port $KAFKA_PORT is taken by something that is not this stack's tansu (set WEIR_STACK_KAFKA_PORT)"
+  fi
+  log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+  # setsid + nohup: the broker outlives the shell (or test) that started it.
+  setsid nohup "$TANSU_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "memory://tansu/" \
+    >"$STACK_DIR/tansu.log" 2>&1 </dev/null &
+  echo $! >"$STACK_DIR/tansu.pid"
+  local waited=0
+  until port_open "$KAFKA_PORT"; do
+    sleep 0.2
+    waited=$((waited + 1))
+    if [ "$waited" -ge 150 ] || ! kill -0 "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null; then
+      die "tansu did not start; see $STACK_DIR/tansu.log"
+    fi
+  done
+}
+
+print_env() {
+  cat <<EOF
+export WEIR_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB'
+export WEIR_KAFKA__BROKERS='127.0.0.1:$KAFKA_PORT'
+export WEIR_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS='10'
+export WEIR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS='6000'
+EOF
+}
+
+stop_all() {
+  if [ -f "$STACK_DIR/tansu.pid" ]; then
+    kill "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null || true
+    rm -f "$STACK_DIR/tansu.pid"
+    log "tansu stopped"
+  fi
+  if pg_bindir >/dev/null && pg_running; then
+    as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null
+    log "PostgreSQL stopped"
+  fi
+}
+
+case "${1:-up}" in
+up)
+  ensure_postgres_installed
+  ensure_tansu_installed
+  start_postgres
+  start_tansu
+  print_env
+  ;;
+env)
+  print_env
+  ;;
+status)
+  if pg_bindir >/dev/null && pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
+  if tansu_running; then echo "tansu: running on 127.0.0.1:$KAFKA_PORT"; else echo "tansu: stopped"; fi
+  ;;
+down)
+  stop_all
+  ;;
+destroy)
+  stop_all
+  rm -rf "$PG_DATA"
+  log "removed $PG_DATA"
+  ;;
+*)
+  echo "usage: $0 up|env|status|down|destroy" >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,749 @@
+//! The Kafka side: one consumer-group member, run on its own thread, that
+//! feeds every assigned partition ("lane") to the writer that owns it.
+//!
+//! Positions come from PostgreSQL, not Kafka. When partitions are assigned,
+//! their stored offsets are read from the offsets table (inside the
+//! rebalance callback) and the partitions are assigned *at* those offsets.
+//! Kafka's committed offsets are only a fallback for partitions with no
+//! stored offset, and are committed after PostgreSQL commits, for lag tools.
+//!
+//! Every assignment of a lane gets a new epoch. Messages carry the epoch of
+//! the assignment they were read under, so a writer can tell a stale message
+//! (read before a revoke or a re-seek) from a current one.
+//!
+//! Memory is bounded: events taken from Kafka are charged to an in-flight
+//! budget until their batch commits. Over the budget, or when a writer's
+//! queue is full, every assigned partition is paused, and polling continues
+//! (to serve rebalances and heartbeats) until the writers catch up.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use metrics::{counter, gauge};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_postgres::Client;
+
+use crate::batch::Event;
+use crate::config::{Config, OffsetReset};
+use crate::health::Health;
+use crate::metrics as m;
+use crate::offsets::OffsetStore;
+
+/// What the consumer tells a writer about one of its lanes.
+#[derive(Debug)]
+pub enum LaneEvent {
+    /// The lane starts (again) under `epoch`. `stored` is the stored
+    /// `next_offset` in PostgreSQL, `None` if the partition has none (or it
+    /// could not be read; the first commit's compare-and-set then decides).
+    Assigned {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        stored: Option<i64>,
+    },
+    /// The lane is no longer ours: drop what is pending.
+    Revoked {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+    },
+    /// A message read under `epoch`, with the bytes charged for it.
+    Message {
+        epoch: u64,
+        event: Event,
+        charged: usize,
+    },
+}
+
+/// What writers ask of the consumer.
+#[derive(Debug)]
+pub enum Request {
+    /// Rows of the lane up to `next` are committed in PostgreSQL: commit
+    /// `next` to Kafka too (for lag tools).
+    Committed {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        next: i64,
+    },
+    /// A commit of the lane was fenced: read its stored offset again and
+    /// resume the lane from there, under a new epoch.
+    Reload {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+    },
+}
+
+/// Event bytes taken from Kafka and not yet committed or dropped.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    bytes: AtomicUsize,
+}
+
+impl InFlight {
+    pub fn charge(&self, bytes: usize) {
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        gauge!(m::IN_FLIGHT_BYTES).set(now as f64);
+    }
+
+    pub fn release(&self, bytes: usize) {
+        let before = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(
+            before >= bytes,
+            "in-flight accounting should never go negative"
+        );
+        gauge!(m::IN_FLIGHT_BYTES).set(before.saturating_sub(bytes) as f64);
+    }
+
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer that owns a lane: stable for a given topic and partition, so
+/// one writer commits a partition's batches in order.
+pub fn writer_for(topic: &str, partition: i32, writers: usize) -> usize {
+    let topic_hash = topic
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    ((topic_hash as usize).wrapping_add(partition as usize)) % writers
+}
+
+type LaneKey = (Arc<str>, i32);
+
+struct Lane {
+    epoch: u64,
+    writer: usize,
+}
+
+/// State shared by the poll loop and the rebalance callbacks (both run on
+/// the consumer thread; the mutex is never contended).
+struct State {
+    lanes: HashMap<LaneKey, Lane>,
+    next_epoch: u64,
+    /// Events that could not be handed to a writer yet, in order.
+    held: VecDeque<(usize, LaneEvent)>,
+    topics: HashMap<String, Arc<str>>,
+    /// Offsets committed in PostgreSQL and not yet in Kafka.
+    pending_commits: HashMap<LaneKey, (u64, i64)>,
+    paused: bool,
+}
+
+impl State {
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(interned) = self.topics.get(topic) {
+            return interned.clone();
+        }
+        let interned: Arc<str> = Arc::from(topic);
+        self.topics.insert(topic.to_string(), interned.clone());
+        interned
+    }
+}
+
+pub struct WeirContext {
+    runtime: tokio::runtime::Handle,
+    offsets: OffsetStore,
+    database_url: String,
+    config: Arc<Config>,
+    /// Session used to read stored offsets; reconnected when lost.
+    control: tokio::sync::Mutex<Option<Client>>,
+    state: Mutex<State>,
+    writers: usize,
+    in_flight: Arc<InFlight>,
+    health: Arc<Health>,
+    commit_requested: Mutex<Option<Instant>>,
+}
+
+impl WeirContext {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads stored offsets of `partitions` of `topic`, retrying briefly.
+    /// `None` when PostgreSQL cannot be reached now.
+    fn load_stored(&self, topic: &str, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+        for attempt in 0..3u32 {
+            let result = self.runtime.block_on(async {
+                let mut control = self.control.lock().await;
+                if control.as_ref().is_none_or(Client::is_closed) {
+                    *control = Some(
+                        crate::db::connect(&self.database_url, &self.config.postgres, "control")
+                            .await
+                            .map_err(|err| err.to_string())?,
+                    );
+                }
+                let client = control.as_ref().expect("control session was just set");
+                let loaded = self
+                    .offsets
+                    .load(client, topic, partitions)
+                    .await
+                    .map_err(|err| crate::db::describe(&err));
+                if loaded.is_err() {
+                    *control = None;
+                }
+                loaded
+            });
+            match result {
+                Ok(stored) => return Some(stored),
+                Err(err) => {
+                    tracing::warn!(topic, attempt, error = %err, "cannot read stored offsets");
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts lanes for `tpl` (assigned): positions them at their stored
+    /// offsets and announces them to their writers.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let mut by_topic: HashMap<String, Vec<i32>> = HashMap::new();
+        for elem in tpl.elements() {
+            by_topic
+                .entry(elem.topic().to_string())
+                .or_default()
+                .push(elem.partition());
+        }
+        let mut announced = Vec::new();
+        for (topic, partitions) in &by_topic {
+            let stored = self.load_stored(topic, partitions);
+            for &partition in partitions {
+                let offset = stored.as_ref().and_then(|s| s.get(&partition).copied());
+                if let Some(offset) = offset {
+                    // PostgreSQL is the source of truth: resume exactly where
+                    // the last committed batch ended, whatever Kafka says.
+                    if let Err(err) =
+                        tpl.set_partition_offset(topic, partition, Offset::Offset(offset))
+                    {
+                        tracing::error!(topic, partition, error = %err, "cannot position partition");
+                    }
+                }
+                announced.push((topic.clone(), partition, offset));
+            }
+        }
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+            _ => consumer.assign(tpl),
+        };
+        if let Err(err) = result {
+            tracing::error!(error = %err, "assign failed");
+            counter!(m::KAFKA_ERRORS, "kind" => "assign").increment(1);
+        }
+        let mut state = self.state();
+        for (topic, partition, stored) in announced {
+            let topic = state.intern(&topic);
+            let epoch = state.next_epoch;
+            state.next_epoch += 1;
+            let writer = writer_for(&topic, partition, self.writers);
+            state
+                .lanes
+                .insert((topic.clone(), partition), Lane { epoch, writer });
+            tracing::info!(topic = %topic, partition, epoch, stored = ?stored, "partition assigned");
+            state.held.push_back((
+                writer,
+                LaneEvent::Assigned {
+                    topic,
+                    partition,
+                    epoch,
+                    stored,
+                },
+            ));
+        }
+        if state.paused {
+            // Newly assigned partitions start unpaused; keep the backpressure.
+            if let Err(err) = consumer.pause(tpl) {
+                tracing::warn!(error = %err, "cannot pause new partitions");
+            }
+        }
+        gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
+        self.health.consumer_joined(true);
+    }
+
+    /// Ends lanes for `tpl` (revoked or lost).
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        let mut commits = TopicPartitionList::new();
+        {
+            let mut state = self.state();
+            for elem in tpl.elements() {
+                let topic = state.intern(elem.topic());
+                let key = (topic.clone(), elem.partition());
+                let Some(lane) = state.lanes.remove(&key) else {
+                    continue;
+                };
+                if let Some((epoch, next)) = state.pending_commits.remove(&key)
+                    && epoch == lane.epoch
+                    && !lost
+                {
+                    let _ = commits.add_partition_offset(
+                        &topic,
+                        elem.partition(),
+                        Offset::Offset(next),
+                    );
+                }
+                // Drop what is still held for the lane: the next owner reads it again.
+                let mut released = 0;
+                state.held.retain(|(_, event)| match event {
+                    LaneEvent::Message { event, charged, .. }
+                        if *event.topic == *topic && event.partition == elem.partition() =>
+                    {
+                        released += charged;
+                        false
+                    }
+                    _ => true,
+                });
+                self.in_flight.release(released);
+                tracing::info!(topic = %topic, partition = elem.partition(), lost, "partition revoked");
+                state.held.push_back((
+                    lane.writer,
+                    LaneEvent::Revoked {
+                        topic,
+                        partition: elem.partition(),
+                        epoch: lane.epoch,
+                    },
+                ));
+            }
+            gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
+        }
+        if commits.count() > 0 {
+            // Last chance to record progress in Kafka before the partitions
+            // move on; PostgreSQL already has it.
+            if let Err(err) = consumer.commit(&commits, CommitMode::Sync) {
+                tracing::debug!(error = %err, "commit on revoke failed");
+            }
+        }
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(err) = result {
+            tracing::error!(error = %err, "unassign failed");
+        }
+    }
+}
+
+impl ClientContext for WeirContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        counter!(m::KAFKA_ERRORS, "kind" => "client").increment(1);
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WeirContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(base_consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke(base_consumer, tpl),
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                counter!(m::KAFKA_ERRORS, "kind" => "rebalance").increment(1);
+                let _ = base_consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Some(started) = self
+            .commit_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            m::stage_time(m::stage::KAFKA_COMMIT, m::ALL_TABLES, started.elapsed());
+        }
+        if let Err(err) = result {
+            counter!(m::KAFKA_ERRORS, "kind" => "commit").increment(1);
+            tracing::debug!(error = %err, "kafka commit failed (progress is safe in PostgreSQL)");
+        }
+    }
+}
+
+/// The consumer thread's inputs and outputs.
+pub struct ConsumerParts {
+    pub config: Arc<Config>,
+    pub database_url: String,
+    pub writers: Vec<Sender<LaneEvent>>,
+    pub requests: Receiver<Request>,
+    pub in_flight: Arc<InFlight>,
+    pub health: Arc<Health>,
+    pub shutdown: Arc<AtomicBool>,
+    pub runtime: tokio::runtime::Handle,
+    pub topics: Vec<String>,
+}
+
+/// Builds the librdkafka configuration weir relies on.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        // Offsets are weir's business: stored in PostgreSQL with the rows,
+        // committed to Kafka only afterwards and explicitly.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            match config.kafka.auto_offset_reset {
+                OffsetReset::Earliest => "earliest",
+                OffsetReset::Latest => "latest",
+                OffsetReset::Error => "error",
+            },
+        )
+        .set("statistics.interval.ms", "5000")
+        .set("client.id", format!("weir-{}", std::process::id()));
+    for (key, value) in &config.kafka.properties {
+        client.set(key, value.to_string());
+    }
+    client
+}
+
+/// Runs the consumer until `shutdown` is set and every writer is done.
+pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
+    let ConsumerParts {
+        config,
+        database_url,
+        writers,
+        requests,
+        in_flight,
+        health,
+        shutdown,
+        runtime,
+        topics,
+    } = parts;
+    let context = WeirContext {
+        runtime,
+        offsets: OffsetStore::new(&config),
+        database_url,
+        config: config.clone(),
+        control: tokio::sync::Mutex::new(None),
+        state: Mutex::new(State {
+            lanes: HashMap::new(),
+            next_epoch: 1,
+            held: VecDeque::new(),
+            topics: HashMap::new(),
+            pending_commits: HashMap::new(),
+            paused: false,
+        }),
+        writers: writers.len(),
+        in_flight: in_flight.clone(),
+        health: health.clone(),
+        commit_requested: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<WeirContext> =
+        client_config(&config).create_with_context(context)?;
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs)?;
+    tracing::info!(topics = ?topics, group = %config.kafka.group_id, "consumer subscribed");
+
+    let max_in_flight = config.pipeline.max_in_flight_bytes;
+    let commit_interval = Duration::from_millis(config.kafka.commit_interval_ms);
+    let mut last_commit = Instant::now();
+    let mut requests_open = true;
+
+    while !shutdown.load(Ordering::Relaxed) {
+        health.consumer_beat();
+        serve_requests(&consumer, &requests, &mut requests_open);
+        if last_commit.elapsed() >= commit_interval {
+            commit_pending(&consumer, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        let blocked = deliver_held(&consumer, &writers);
+        // Backpressure: pause everything while over budget or blocked; resume
+        // below half the budget (hysteresis keeps pause/resume from flapping).
+        {
+            let ctx = consumer.context();
+            let mut state = ctx.state();
+            let over = in_flight.get() > max_in_flight;
+            if (over || blocked) && !state.paused {
+                if let Ok(assignment) = consumer.assignment()
+                    && consumer.pause(&assignment).is_ok()
+                {
+                    state.paused = true;
+                    gauge!(m::PAUSED_PARTITIONS).set(assignment.count() as f64);
+                }
+            } else if state.paused
+                && !blocked
+                && in_flight.get() <= max_in_flight / 2
+                && let Ok(assignment) = consumer.assignment()
+                && consumer.resume(&assignment).is_ok()
+            {
+                state.paused = false;
+                gauge!(m::PAUSED_PARTITIONS).set(0.0);
+            }
+        }
+        let timeout = if blocked {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => take(&consumer, &message, &writers, &in_flight),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(err)) => {
+                counter!(m::KAFKA_ERRORS, "kind" => "consume").increment(1);
+                tracing::warn!(error = %err, "kafka consume error");
+            }
+            None => {}
+        }
+    }
+
+    // Shutdown: hand nothing more to the writers. Closing their queues tells
+    // them to flush what they hold; keep committing to Kafka what they
+    // commit to PostgreSQL until they are all done (their request senders
+    // dropped) or the grace period ends.
+    tracing::info!("consumer stopping");
+    health.shutting_down();
+    let released: usize = {
+        let mut state = consumer.context().state();
+        state
+            .held
+            .drain(..)
+            .map(|(_, event)| match event {
+                LaneEvent::Message { charged, .. } => charged,
+                _ => 0,
+            })
+            .sum()
+    };
+    in_flight.release(released);
+    drop(writers);
+    let deadline =
+        Instant::now() + Duration::from_millis(config.pipeline.shutdown_grace_ms + 2_000);
+    while requests_open && Instant::now() < deadline {
+        serve_requests(&consumer, &requests, &mut requests_open);
+        // Keep the group membership healthy meanwhile; messages that arrive
+        // are not taken (they stay unconsumed for the next owner).
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+            drop(message);
+        }
+    }
+    commit_pending(&consumer, CommitMode::Sync);
+    consumer.unsubscribe();
+    tracing::info!("consumer stopped");
+    Ok(())
+}
+
+/// Applies writers' requests: remember commits, reload fenced lanes.
+fn serve_requests(
+    consumer: &BaseConsumer<WeirContext>,
+    requests: &Receiver<Request>,
+    open: &mut bool,
+) {
+    loop {
+        match requests.try_recv() {
+            Ok(Request::Committed {
+                topic,
+                partition,
+                epoch,
+                next,
+            }) => {
+                let ctx = consumer.context();
+                let mut state = ctx.state();
+                let current = state
+                    .lanes
+                    .get(&(topic.clone(), partition))
+                    .map(|l| l.epoch);
+                // Only for the assignment that made the commit: after a
+                // rebalance the partition's progress is the next owner's.
+                if current == Some(epoch) {
+                    state
+                        .pending_commits
+                        .insert((topic, partition), (epoch, next));
+                }
+            }
+            Ok(Request::Reload {
+                topic,
+                partition,
+                epoch,
+            }) => reload(consumer, topic, partition, epoch),
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => {
+                *open = false;
+                return;
+            }
+        }
+    }
+}
+
+/// A fenced lane: read the stored offset, seek there, restart the lane
+/// under a new epoch. Messages of the old epoch still queued are dropped by
+/// the writer; librdkafka drops those fetched before the seek.
+fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32, epoch: u64) {
+    let ctx = consumer.context();
+    let key = (topic.clone(), partition);
+    let writer = match ctx.state().lanes.get(&key) {
+        Some(lane) if lane.epoch == epoch => lane.writer,
+        // Revoked or already reloaded since: nothing to do.
+        _ => return,
+    };
+    let stored = ctx
+        .load_stored(&topic, &[partition])
+        .and_then(|s| s.get(&partition).copied());
+    if let Some(offset) = stored
+        && let Err(err) = consumer.seek(
+            &topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(10),
+        )
+    {
+        tracing::warn!(topic = %topic, partition, error = %err, "seek after fencing failed");
+    }
+    let mut state = ctx.state();
+    let new_epoch = state.next_epoch;
+    state.next_epoch += 1;
+    state.lanes.insert(
+        key.clone(),
+        Lane {
+            epoch: new_epoch,
+            writer,
+        },
+    );
+    state.pending_commits.remove(&key);
+    let mut released = 0;
+    state.held.retain(|(_, event)| match event {
+        LaneEvent::Message { event, charged, .. }
+            if *event.topic == *topic && event.partition == partition =>
+        {
+            released += charged;
+            false
+        }
+        _ => true,
+    });
+    ctx.in_flight.release(released);
+    tracing::info!(topic = %topic, partition, epoch = new_epoch, stored = ?stored, "lane reloaded after fencing");
+    state.held.push_back((
+        writer,
+        LaneEvent::Assigned {
+            topic,
+            partition,
+            epoch: new_epoch,
+            stored,
+        },
+    ));
+}
+
+fn commit_pending(consumer: &BaseConsumer<WeirContext>, mode: CommitMode) {
+    let ctx = consumer.context();
+    let mut tpl = TopicPartitionList::new();
+    {
+        let mut state = ctx.state();
+        if state.pending_commits.is_empty() {
+            return;
+        }
+        for ((topic, partition), (_, next)) in state.pending_commits.drain() {
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+        }
+    }
+    *ctx.commit_requested
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    // Kafka's committed offset trails PostgreSQL's: it never runs ahead of
+    // the data, because only offsets already committed there get here.
+    if let Err(err) = consumer.commit(&tpl, mode) {
+        tracing::debug!(error = %err, "kafka commit failed (progress is safe in PostgreSQL)");
+    }
+}
+
+/// Hands held events to their writers in order. Returns true when a writer
+/// queue is full (the rest stays held).
+fn deliver_held(consumer: &BaseConsumer<WeirContext>, writers: &[Sender<LaneEvent>]) -> bool {
+    let ctx = consumer.context();
+    let mut state = ctx.state();
+    while let Some((writer, event)) = state.held.pop_front() {
+        match writers[writer].try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(event)) => {
+                state.held.push_front((writer, event));
+                return true;
+            }
+            Err(TrySendError::Closed(_)) => return true,
+        }
+    }
+    false
+}
+
+/// Takes one message in: charge it, stamp it with its lane's epoch, hand it
+/// to the lane's writer (or hold it, preserving order).
+fn take(
+    consumer: &BaseConsumer<WeirContext>,
+    message: &BorrowedMessage<'_>,
+    writers: &[Sender<LaneEvent>],
+    in_flight: &InFlight,
+) {
+    let ctx = consumer.context();
+    let mut state = ctx.state();
+    let topic = state.intern(message.topic());
+    let partition = message.partition();
+    let Some(lane) = state.lanes.get(&(topic.clone(), partition)) else {
+        // Not (or no longer) ours; it will be read by its owner.
+        return;
+    };
+    let (epoch, writer) = (lane.epoch, lane.writer);
+    let event = Event {
+        topic,
+        partition,
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(Bytes::copy_from_slice),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+    };
+    let charged = event.size();
+    in_flight.charge(charged);
+    let lane_event = LaneEvent::Message {
+        epoch,
+        event,
+        charged,
+    };
+    if !state.held.is_empty() {
+        state.held.push_back((writer, lane_event));
+        return;
+    }
+    match writers[writer].try_send(lane_event) {
+        Ok(()) => {}
+        Err(TrySendError::Full(lane_event)) | Err(TrySendError::Closed(lane_event)) => {
+            state.held.push_back((writer, lane_event));
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! PostgreSQL sessions and the classification of their errors.
+//!
+//! Errors are classified by SQLSTATE (and by whether the connection is
+//! gone), never by message text. The class decides what weir does: retry the
+//! same batch, isolate bad rows, or stop the lane and say what is wrong.
+
+use std::time::Duration;
+
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Error};
+
+use crate::catalog::quote_ident;
+use crate::config::{ConfigError, PostgresConfig};
+
+/// What a PostgreSQL error means for the batch that met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The database or the link to it is having trouble (connection lost,
+    /// shutdown, serialization failure, deadlock, lock timeout, out of
+    /// resources). Retry the same batch, in order, after a backoff. Never a
+    /// dead letter.
+    Transient,
+    /// A row is bad (SQLSTATE classes 22 and 23, and kin): isolate it, make
+    /// it a dead letter, write the rest.
+    Row,
+    /// The table or the permissions are not what the mapping expects
+    /// (undefined table or column, permission denied...). Stop the lane,
+    /// report not ready, keep offsets where they are, and retry slowly until
+    /// the schema is fixed.
+    Schema,
+}
+
+/// Classifies a PostgreSQL error.
+pub fn classify(err: &Error) -> ErrorClass {
+    if err.is_closed() {
+        return ErrorClass::Transient;
+    }
+    let Some(code) = err.code() else {
+        // I/O, TLS or protocol trouble: the connection is suspect.
+        return ErrorClass::Transient;
+    };
+    classify_sqlstate(code.code())
+}
+
+/// Classifies a SQLSTATE.
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    let class = &code[..code.len().min(2)];
+    match code {
+        // Admin or crash shutdown, cannot connect now.
+        "57P01" | "57P02" | "57P03" => return ErrorClass::Transient,
+        // statement_timeout / cancel: retry (with backoff) rather than drop.
+        "57014" => return ErrorClass::Transient,
+        // Serialization failure, deadlock, lock timeout.
+        "40001" | "40P01" | "55P03" => return ErrorClass::Transient,
+        // Undefined table / column / object, permission denied, wrong type.
+        "42P01" | "42703" | "42704" | "42501" | "42804" | "42809" => return ErrorClass::Schema,
+        // Row too big for an index and similar limits hit by one row.
+        "54000" => return ErrorClass::Row,
+        _ => {}
+    }
+    match class {
+        // Connection exception, insufficient resources, system error,
+        // transaction state, internal error, transaction rollback.
+        "08" | "53" | "58" | "XX" | "25" | "40" => ErrorClass::Transient,
+        // Data exception, integrity violation, WITH CHECK OPTION, a trigger
+        // raising for this row.
+        "22" | "23" | "44" | "P0" => ErrorClass::Row,
+        // Everything else (syntax or access rule, feature not supported,
+        // invalid authorization...) is configuration or schema: stop and say so.
+        _ => ErrorClass::Schema,
+    }
+}
+
+/// The SQLSTATE of an error, or `connection` when there is none.
+pub fn sqlstate(err: &Error) -> String {
+    err.code()
+        .map(|code| code.code().to_string())
+        .unwrap_or_else(|| "connection".to_string())
+}
+
+/// A one-line description of a PostgreSQL error with its SQLSTATE, table,
+/// column and constraint when the server gave them.
+pub fn describe(err: &Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(table) = db.table() {
+                text += &format!(", table {table}");
+            }
+            if let Some(column) = db.column() {
+                text += &format!(", column {column}");
+            }
+            if let Some(constraint) = db.constraint() {
+                text += &format!(", constraint {constraint}");
+            }
+            if let Some(detail) = db.detail() {
+                text += &format!(": {detail}");
+            }
+            text
+        }
+        None => err.to_string(),
+    }
+}
+
+/// True for `unique_violation` and friends that a dedupe path absorbs.
+pub fn is_unique_violation(err: &Error) -> bool {
+    err.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// Opens a session for `role` (shown in `application_name`), set up the way
+/// weir relies on: UTC, ISO dates, the configured schema first in the
+/// search path, the statement timeout.
+pub async fn connect(
+    url: &str,
+    config: &PostgresConfig,
+    role: &str,
+) -> Result<Client, ConnectError> {
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|err: Error| {
+        ConnectError::Config(ConfigError::new(
+            crate::config::DATABASE_URL_ENV,
+            err.to_string(),
+        ))
+    })?;
+    pg.application_name(format!("{}-{role}", config.application_name));
+    pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    let tls = tls_connector(config).map_err(ConnectError::Config)?;
+    let (client, connection) = pg.connect(tls).await.map_err(ConnectError::Db)?;
+    let role_name = role.to_string();
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(role = %role_name, error = %err, "postgres connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET search_path = {}, public; \
+             SET statement_timeout = {};",
+            quote_ident(&config.schema),
+            config.statement_timeout_ms
+        ))
+        .await
+        .map_err(ConnectError::Db)?;
+    Ok(client)
+}
+
+fn tls_connector(config: &PostgresConfig) -> Result<MakeTlsConnector, ConfigError> {
+    let mut builder = SslConnector::builder(SslMethod::tls())
+        .map_err(|err| ConfigError::new("postgres.tls_ca_file", err.to_string()))?;
+    match &config.tls_ca_file {
+        Some(path) => {
+            // verify-full: the server's certificate must chain to this CA and
+            // name the host.
+            builder.set_ca_file(path).map_err(|err| {
+                ConfigError::new("postgres.tls_ca_file", format!("{path}: {err}"))
+            })?;
+            builder.set_verify(SslVerifyMode::PEER);
+        }
+        None => {
+            // As libpq's sslmode=require: encrypted when the server offers
+            // it, certificate not verified.
+            builder.set_verify(SslVerifyMode::NONE);
+        }
+    }
+    let mut connector = MakeTlsConnector::new(builder.build());
+    if config.tls_ca_file.is_none() {
+        connector.set_callback(|connect, _| {
+            connect.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(connector)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Config(ConfigError),
+    #[error("cannot connect to PostgreSQL: {}", describe(.0))]
+    Db(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified_by_class_and_code() {
+        for transient in [
+            "08006", "08001", "57P01", "57P03", "40001", "40P01", "53100", "53300", "55P03",
+            "57014", "XX000",
+        ] {
+            assert_eq!(
+                classify_sqlstate(transient),
+                ErrorClass::Transient,
+                "{transient}"
+            );
+        }
+        for row in [
+            "22001", "22P02", "22P05", "22021", "23505", "23502", "23514", "54000", "P0001",
+        ] {
+            assert_eq!(classify_sqlstate(row), ErrorClass::Row, "{row}");
+        }
+        for schema in [
+            "42P01", "42703", "42501", "42804", "42601", "0A000", "28P01",
+        ] {
+            assert_eq!(classify_sqlstate(schema), ErrorClass::Schema, "{schema}");
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Decode, validate and route: one Kafka event becomes encoded rows in the
+//! right partition range of each table it feeds, or dead letters that say
+//! why not.
+//!
+//! Nothing here touches the database. Every failure is attributed to the
+//! item it concerns, so the good items of a webhook body are written even
+//! when one of its items is broken.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::batch::{DeadLetter, Event, Gathered, RowMeta, Stage};
+use crate::config::{EmptyEvents, KafkaField, WeirField};
+use crate::encode::{self, Input, PgType};
+use crate::mapping::{CompiledColumn, CompiledSource, Mappings, Source};
+use crate::partition::ManagedTable;
+
+/// Turns events into rows. Shared by all lanes; holds no mutable state.
+pub struct Decoder {
+    pub mappings: Arc<Mappings>,
+    /// Partition sets of the mapped tables, by table index.
+    pub tables: Vec<Arc<ManagedTable>>,
+    pub max_event_bytes: usize,
+    pub empty_events: EmptyEvents,
+}
+
+/// What happened to one event, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub rows: usize,
+    pub dead_letters: usize,
+    pub skipped: bool,
+}
+
+/// One exploded item and where it came from.
+struct Item<'v> {
+    value: &'v Value,
+    indices: Vec<u32>,
+    kind: Option<&'v str>,
+    ordinal: u32,
+    path: usize,
+}
+
+impl Decoder {
+    /// Decodes `event` (the `message`-th event of the batch) into `out`.
+    /// `now` is the ingest time, Unix microseconds.
+    pub fn decode(&self, event: &Event, message: u32, now: i64, out: &mut Gathered) -> Outcome {
+        let dead_before = out.dead_letters.len();
+        let rows_before = out.rows;
+        let dead = |out: &mut Gathered, stage: Stage, code: &'static str, detail: String| {
+            out.dead_letters.push(DeadLetter {
+                message,
+                table: None,
+                item: None,
+                item_path: None,
+                stage,
+                code: Cow::Borrowed(code),
+                detail,
+            });
+        };
+
+        if event.payload.len() > self.max_event_bytes {
+            dead(
+                out,
+                Stage::Validate,
+                "event_too_large",
+                format!(
+                    "event of {} bytes is over pipeline.max_event_bytes ({})",
+                    event.payload.len(),
+                    self.max_event_bytes
+                ),
+            );
+            return self.outcome(out, rows_before, dead_before, false);
+        }
+        let sources = self.mappings.sources_for(&event.topic);
+        if sources.is_empty() {
+            dead(
+                out,
+                Stage::Route,
+                "no_mapping",
+                format!("no table reads topic `{}`", event.topic),
+            );
+            return self.outcome(out, rows_before, dead_before, false);
+        }
+        if std::str::from_utf8(&event.payload).is_err() {
+            dead(
+                out,
+                Stage::Decode,
+                "invalid_utf8",
+                "payload is not valid UTF-8".into(),
+            );
+            return self.outcome(out, rows_before, dead_before, false);
+        }
+        let root: Value = match serde_json::from_slice(&event.payload) {
+            Ok(root) => root,
+            Err(err) => {
+                let text = err.to_string();
+                let code = if text.contains("recursion limit") {
+                    "nesting_too_deep"
+                } else {
+                    "invalid_json"
+                };
+                dead(out, Stage::Decode, code, text);
+                return self.outcome(out, rows_before, dead_before, false);
+            }
+        };
+
+        let mut items_seen = 0usize;
+        for &source_index in sources {
+            let source = &self.mappings.sources[source_index];
+            for item in explode(source, &root) {
+                items_seen += 1;
+                self.row(source, &root, &item, event, message, now, out);
+            }
+        }
+        let mut skipped = false;
+        if items_seen == 0 {
+            match self.empty_events {
+                EmptyEvents::DeadLetter => dead(
+                    out,
+                    Stage::Route,
+                    "no_rows",
+                    "the event matched no explode path of any table reading its topic".into(),
+                ),
+                EmptyEvents::Skip => skipped = true,
+            }
+        }
+        self.outcome(out, rows_before, dead_before, skipped)
+    }
+
+    fn outcome(
+        &self,
+        out: &Gathered,
+        rows_before: usize,
+        dead_before: usize,
+        skipped: bool,
+    ) -> Outcome {
+        Outcome {
+            rows: out.rows - rows_before,
+            dead_letters: out.dead_letters.len() - dead_before,
+            skipped,
+        }
+    }
+
+    /// Encodes one item as one row, or records why it cannot be.
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        source: &CompiledSource,
+        root: &Value,
+        item: &Item<'_>,
+        event: &Event,
+        message: u32,
+        now: i64,
+        out: &mut Gathered,
+    ) {
+        let table = &self.mappings.tables[source.table];
+        let fail = |out: &mut Gathered, stage: Stage, code: Cow<'static, str>, detail: String| {
+            let item_path = source
+                .explode
+                .get(item.path)
+                .map(|explode| explode.path.concrete(&item.indices));
+            out.dead_letters.push(DeadLetter {
+                message,
+                table: Some(Arc::from(table.name())),
+                item: Some(item.ordinal),
+                item_path,
+                stage,
+                code,
+                detail,
+            });
+        };
+        let context = Context {
+            root,
+            item,
+            event,
+            now,
+        };
+
+        // The time column first: it decides the partition.
+        let time_column = &source.columns[source.time_column];
+        let time = match context.input(time_column) {
+            None => {
+                return fail(
+                    out,
+                    Stage::Validate,
+                    Cow::Borrowed("missing_required"),
+                    format!("time column `{}` has no value", time_column.name),
+                );
+            }
+            Some(input) => match encode::to_unix_micros(input, time_column.unit) {
+                Ok(time) => time,
+                Err(err) => {
+                    return fail(
+                        out,
+                        Stage::Validate,
+                        Cow::Borrowed(err.code()),
+                        format!("time column `{}`: {err}", time_column.name),
+                    );
+                }
+            },
+        };
+        // Accepted window: never a partition in 1970 or 2999.
+        if time < now - table.max_age_micros || time > now + table.max_future_micros {
+            return fail(
+                out,
+                Stage::Route,
+                Cow::Borrowed("event_time_out_of_window"),
+                format!(
+                    "event time {} is outside the accepted window of `{}`",
+                    format_micros(time),
+                    table.name()
+                ),
+            );
+        }
+        let (lo, hi) = self.tables[source.table]
+            .partitions
+            .load()
+            .route(table.granularity, time);
+
+        let segment = out.segment(source.index, source.table, lo, hi);
+        let start = segment.buf.len();
+        encode::begin_row(&mut segment.buf, source.columns.len() as u16);
+        for column in &source.columns {
+            let result = match context.input(column) {
+                None if column.required => Err(None),
+                None => {
+                    encode::write_null(&mut segment.buf);
+                    Ok(())
+                }
+                Some(input) => {
+                    encode::write_field(&mut segment.buf, &column.ty, input, column.unit)
+                        .map_err(Some)
+                }
+            };
+            if let Err(err) = result {
+                segment.buf.truncate(start);
+                let (code, detail) = match err {
+                    None => (
+                        Cow::Borrowed("missing_required"),
+                        format!("required column `{}` has no value", column.name),
+                    ),
+                    Some(err) => (
+                        Cow::Borrowed(err.code()),
+                        format!("column `{}`: {err}", column.name),
+                    ),
+                };
+                return fail(out, Stage::Validate, code, detail);
+            }
+        }
+        segment.rows.push(RowMeta {
+            start: start as u32,
+            time,
+            message,
+            item: item.ordinal,
+        });
+        out.rows += 1;
+    }
+}
+
+/// Everything a column source can read from.
+struct Context<'a> {
+    root: &'a Value,
+    item: &'a Item<'a>,
+    event: &'a Event,
+    now: i64,
+}
+
+impl<'a> Context<'a> {
+    /// The column's value, or `None` when absent or null.
+    fn input(&self, column: &'a CompiledColumn) -> Option<Input<'a>> {
+        let json = |value: Option<&'a Value>| match value {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(Input::Json(value)),
+        };
+        match &column.source {
+            Source::Item(pointers) => pointers.iter().find_map(|p| json(p.get(self.item.value))),
+            Source::Event(pointers) => pointers
+                .iter()
+                .find_map(|p| json(p.get_bound(self.root, &self.item.indices))),
+            Source::Const(value) => json(Some(value)),
+            Source::Header(name) => self.event.header(name).map(Input::Bytes),
+            Source::Kafka(field) => match field {
+                KafkaField::Timestamp => self.event.timestamp_ms.map(|ms| {
+                    if column.ty == PgType::Int8 {
+                        Input::Int(ms)
+                    } else {
+                        Input::UnixMicros(ms.saturating_mul(1000))
+                    }
+                }),
+                KafkaField::Key => self.event.key.as_deref().map(Input::Bytes),
+                KafkaField::Topic => Some(Input::Str(&self.event.topic)),
+                KafkaField::Partition => Some(Input::Int(self.event.partition as i64)),
+                KafkaField::Offset => Some(Input::Int(self.event.offset)),
+            },
+            Source::Weir(field) => match field {
+                WeirField::IngestTime => Some(Input::UnixMicros(self.now)),
+                WeirField::ItemKind => self.item.kind.map(Input::Str),
+                WeirField::ItemIndex => Some(Input::Int(self.item.ordinal as i64)),
+            },
+        }
+    }
+}
+
+/// The items of `root` for `source`, in a stable order (explode paths in
+/// configuration order, each in document order). Without explode paths the
+/// event itself is the one item.
+fn explode<'v>(source: &'v CompiledSource, root: &'v Value) -> Vec<Item<'v>> {
+    if source.explode.is_empty() {
+        return vec![Item {
+            value: root,
+            indices: Vec::new(),
+            kind: None,
+            ordinal: 0,
+            path: usize::MAX,
+        }];
+    }
+    let mut items = Vec::new();
+    for (path_index, path) in source.explode.iter().enumerate() {
+        let kind = path.kind.as_deref();
+        path.path.for_each_match(root, &mut |value, indices| {
+            let ordinal = items.len() as u32;
+            items.push(Item {
+                value,
+                indices: indices.to_vec(),
+                kind,
+                ordinal,
+                path: path_index,
+            });
+        });
+    }
+    items
+}
+
+/// The item of `root` with `ordinal` for `source` (for replaying one item).
+pub fn item_value<'v>(
+    source: &'v CompiledSource,
+    root: &'v Value,
+    ordinal: u32,
+) -> Option<&'v Value> {
+    explode(source, root)
+        .into_iter()
+        .find(|item| item.ordinal == ordinal)
+        .map(|item| item.value)
+}
+
+fn format_micros(micros: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
+        .map(|at| at.to_rfc3339())
+        .unwrap_or_else(|| format!("{micros}us"))
+}

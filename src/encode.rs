@@ -1,0 +1,772 @@
+//! PostgreSQL binary COPY encoding, written straight into a `BytesMut`.
+//!
+//! A COPY stream is a fixed header, then per row a 16-bit field count and
+//! per field a 32-bit length (-1 for NULL) and the value in the type's binary
+//! `recv` format, then a 16-bit -1 trailer. Values are converted from the
+//! decoded event without an intermediate per-field allocation: each
+//! conversion writes its bytes in place and patches the length afterwards.
+//!
+//! Conversions are strict where PostgreSQL would be, so a value that cannot
+//! fit its column is refused here (as a dead letter with a reason) rather
+//! than failing the whole batch on the server.
+
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde_json::Value;
+
+use crate::config::TimeUnit;
+
+/// Signature, flags and header-extension length of a binary COPY stream.
+pub const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// End-of-data marker.
+pub const COPY_TRAILER: &[u8] = &[0xff, 0xff];
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+/// Days between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_OFFSET_DAYS: i64 = 10_957;
+/// Unix micros of 0001-01-01 and of 10000-01-01: the range weir accepts.
+const MIN_UNIX_MICROS: i64 = -62_135_596_800_000_000;
+const MAX_UNIX_MICROS: i64 = 253_402_300_800_000_000;
+
+/// A column type weir can encode, resolved from the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgType {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    Numeric,
+    /// text, citext, name, and enums (whose binary form is the label).
+    Text,
+    /// varchar(n) / char(n): text of at most `max_chars` characters.
+    BoundedText {
+        max_chars: Option<usize>,
+    },
+    /// An enum: text that must be one of the labels.
+    Enum {
+        labels: Vec<String>,
+    },
+    Uuid,
+    Json,
+    Jsonb,
+    Timestamptz,
+    Timestamp,
+    Date,
+    Bytea,
+    /// A one-dimensional array; `element_oid` goes into the array header.
+    Array {
+        element: Box<PgType>,
+        element_oid: u32,
+    },
+}
+
+impl PgType {
+    /// True for types whose source is naturally text (used to decide how
+    /// Kafka keys and headers are read).
+    fn is_textual(&self) -> bool {
+        matches!(
+            self,
+            PgType::Text | PgType::BoundedText { .. } | PgType::Enum { .. }
+        )
+    }
+}
+
+/// Why a value was refused. The code is stable and goes into dead letters
+/// and metric labels; the detail is for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("wrong type: {0}")]
+    WrongType(String),
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    #[error("invalid value: {0}")]
+    Invalid(String),
+    #[error("contains a NUL character, which PostgreSQL text cannot hold")]
+    NulCharacter,
+    #[error("too long: {0}")]
+    TooLong(String),
+}
+
+impl FieldError {
+    /// The reason code (low cardinality).
+    pub fn code(&self) -> &'static str {
+        match self {
+            FieldError::WrongType(_) => "wrong_type",
+            FieldError::OutOfRange(_) => "out_of_range",
+            FieldError::Invalid(_) => "invalid_value",
+            FieldError::NulCharacter => "nul_character",
+            FieldError::TooLong(_) => "value_too_long",
+        }
+    }
+}
+
+/// A value before conversion to its column type.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    Json(&'a Value),
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    Int(i64),
+    /// A point in time, microseconds since the Unix epoch.
+    UnixMicros(i64),
+}
+
+/// Writes the COPY header.
+pub fn write_header(buf: &mut BytesMut) {
+    buf.put_slice(COPY_HEADER);
+}
+
+/// Starts a row of `fields` fields.
+pub fn begin_row(buf: &mut BytesMut, fields: u16) {
+    buf.put_i16(fields as i16);
+}
+
+pub fn write_null(buf: &mut BytesMut) {
+    buf.put_i32(-1);
+}
+
+/// Encodes `input` as a field of type `ty`. On error the buffer is left as
+/// it was.
+pub fn write_field(
+    buf: &mut BytesMut,
+    ty: &PgType,
+    input: Input<'_>,
+    unit: TimeUnit,
+) -> Result<(), FieldError> {
+    let start = buf.len();
+    buf.put_i32(0); // length, patched below
+    match encode_value(buf, ty, input, unit) {
+        Ok(()) => {
+            let len = buf.len() - start - 4;
+            let len = i32::try_from(len)
+                .map_err(|_| FieldError::TooLong(format!("{len} bytes in one field")))?;
+            buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(err) => {
+            buf.truncate(start);
+            Err(err)
+        }
+    }
+}
+
+fn encode_value(
+    buf: &mut BytesMut,
+    ty: &PgType,
+    input: Input<'_>,
+    unit: TimeUnit,
+) -> Result<(), FieldError> {
+    // Text-like inputs read as a JSON string would be; keys and headers are
+    // bytes that must be UTF-8 for anything but bytea.
+    let input = match input {
+        Input::Json(Value::String(s)) => Input::Str(s),
+        Input::Bytes(bytes) if *ty != PgType::Bytea => Input::Str(
+            std::str::from_utf8(bytes)
+                .map_err(|_| FieldError::Invalid("bytes are not valid UTF-8".into()))?,
+        ),
+        other => other,
+    };
+    match ty {
+        PgType::Bool => buf.put_u8(to_bool(input)? as u8),
+        PgType::Int2 => {
+            let n = to_i64(input)?;
+            let n = i16::try_from(n)
+                .map_err(|_| FieldError::OutOfRange(format!("{n} for smallint")))?;
+            buf.put_i16(n);
+        }
+        PgType::Int4 => {
+            let n = to_i64(input)?;
+            let n =
+                i32::try_from(n).map_err(|_| FieldError::OutOfRange(format!("{n} for integer")))?;
+            buf.put_i32(n);
+        }
+        PgType::Int8 => buf.put_i64(to_i64(input)?),
+        PgType::Float4 => {
+            let x = to_f64(input)?;
+            if x.is_finite() && x.abs() > f32::MAX as f64 {
+                return Err(FieldError::OutOfRange(format!("{x} for real")));
+            }
+            buf.put_f32(x as f32);
+        }
+        PgType::Float8 => buf.put_f64(to_f64(input)?),
+        PgType::Numeric => {
+            let text = match input {
+                Input::Str(s) => s.trim().to_string(),
+                Input::Json(Value::Number(n)) => n.to_string(),
+                Input::Int(n) => n.to_string(),
+                other => return Err(wrong("a number", other)),
+            };
+            encode_numeric(buf, &text)?;
+        }
+        PgType::Text => put_text(buf, input)?,
+        PgType::BoundedText { max_chars } => {
+            let start = buf.len();
+            put_text(buf, input)?;
+            if let Some(max) = max_chars {
+                let chars = std::str::from_utf8(&buf[start..])
+                    .expect("text written by put_text should be UTF-8")
+                    .chars()
+                    .count();
+                if chars > *max {
+                    return Err(FieldError::TooLong(format!(
+                        "{chars} characters for a column of at most {max}"
+                    )));
+                }
+            }
+        }
+        PgType::Enum { labels } => {
+            let start = buf.len();
+            put_text(buf, input)?;
+            let label = &buf[start..];
+            if !labels.iter().any(|l| l.as_bytes() == label) {
+                let label = String::from_utf8_lossy(label).into_owned();
+                return Err(FieldError::Invalid(format!(
+                    "`{label}` is not a label of the enum"
+                )));
+            }
+        }
+        PgType::Uuid => {
+            let Input::Str(s) = input else {
+                return Err(wrong("a UUID string", input));
+            };
+            let id = uuid::Uuid::try_parse(s.trim())
+                .map_err(|_| FieldError::Invalid(format!("`{}` is not a UUID", clip(s))))?;
+            buf.put_slice(id.as_bytes());
+        }
+        PgType::Json | PgType::Jsonb => {
+            if *ty == PgType::Jsonb {
+                buf.put_u8(1); // jsonb binary format version
+            }
+            match input {
+                Input::Json(value) => {
+                    if *ty == PgType::Jsonb && contains_nul(value) {
+                        return Err(FieldError::NulCharacter);
+                    }
+                    serde_json::to_writer((&mut *buf).writer(), value)
+                        .map_err(|err| FieldError::Invalid(err.to_string()))?;
+                }
+                Input::Str(s) => {
+                    // A string source (header, key) holding JSON text.
+                    let value: Value = serde_json::from_str(s)
+                        .map_err(|_| FieldError::Invalid("not JSON text".into()))?;
+                    if *ty == PgType::Jsonb && contains_nul(&value) {
+                        return Err(FieldError::NulCharacter);
+                    }
+                    buf.put_slice(s.as_bytes());
+                }
+                Input::Int(n) => buf.put_slice(n.to_string().as_bytes()),
+                other => return Err(wrong("JSON", other)),
+            }
+        }
+        PgType::Timestamptz | PgType::Timestamp => {
+            let micros = to_unix_micros(input, unit)?;
+            buf.put_i64(micros - PG_EPOCH_OFFSET_MICROS);
+        }
+        PgType::Date => {
+            let days = match input {
+                Input::Str(s) if s.len() == 10 => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                    .map_err(|_| FieldError::Invalid(format!("`{}` is not a date", clip(s))))?
+                    .signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date"))
+                    .num_days(),
+                other => to_unix_micros(other, unit)?.div_euclid(86_400_000_000),
+            };
+            buf.put_i32((days - PG_EPOCH_OFFSET_DAYS) as i32);
+        }
+        PgType::Bytea => match input {
+            Input::Bytes(bytes) => buf.put_slice(bytes),
+            Input::Str(s) => buf.put_slice(s.as_bytes()),
+            other => return Err(wrong("a string or bytes", other)),
+        },
+        PgType::Array {
+            element,
+            element_oid,
+        } => {
+            let Input::Json(Value::Array(items)) = input else {
+                return Err(wrong("an array", input));
+            };
+            let has_null = items.iter().any(Value::is_null);
+            if items.is_empty() {
+                buf.put_i32(0); // dimensions
+                buf.put_i32(0);
+                buf.put_u32(*element_oid);
+            } else {
+                buf.put_i32(1);
+                buf.put_i32(has_null as i32);
+                buf.put_u32(*element_oid);
+                buf.put_i32(
+                    i32::try_from(items.len()).map_err(|_| FieldError::TooLong("array".into()))?,
+                );
+                buf.put_i32(1); // lower bound
+                for item in items {
+                    if item.is_null() {
+                        write_null(buf);
+                    } else {
+                        write_field(buf, element, Input::Json(item), unit)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_text(buf: &mut BytesMut, input: Input<'_>) -> Result<(), FieldError> {
+    match input {
+        Input::Str(s) => {
+            if s.as_bytes().contains(&0) {
+                return Err(FieldError::NulCharacter);
+            }
+            buf.put_slice(s.as_bytes());
+        }
+        Input::Json(Value::Number(n)) => buf.put_slice(n.to_string().as_bytes()),
+        Input::Json(Value::Bool(b)) => buf.put_slice(if *b { b"true" } else { b"false" }),
+        Input::Int(n) => buf.put_slice(n.to_string().as_bytes()),
+        Input::UnixMicros(micros) => {
+            let at = DateTime::<Utc>::from_timestamp_micros(micros)
+                .ok_or_else(|| FieldError::OutOfRange("timestamp".into()))?;
+            buf.put_slice(at.to_rfc3339().as_bytes());
+        }
+        other => return Err(wrong("text", other)),
+    }
+    Ok(())
+}
+
+fn to_bool(input: Input<'_>) -> Result<bool, FieldError> {
+    match input {
+        Input::Json(Value::Bool(b)) => Ok(*b),
+        Input::Str(s) => match s.trim() {
+            "true" | "t" | "TRUE" | "True" => Ok(true),
+            "false" | "f" | "FALSE" | "False" => Ok(false),
+            _ => Err(FieldError::Invalid(format!(
+                "`{}` is not a boolean",
+                clip(s)
+            ))),
+        },
+        other => Err(wrong("a boolean", other)),
+    }
+}
+
+fn to_i64(input: Input<'_>) -> Result<i64, FieldError> {
+    match input {
+        Input::Int(n) => Ok(n),
+        Input::Json(Value::Number(n)) => {
+            if let Some(n) = n.as_i64() {
+                Ok(n)
+            } else if n.is_u64() {
+                Err(FieldError::OutOfRange(format!("{n} for bigint")))
+            } else {
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                if x.fract() == 0.0 && x >= i64::MIN as f64 && x < i64::MAX as f64 {
+                    Ok(x as i64)
+                } else {
+                    Err(FieldError::Invalid(format!("{n} is not an integer")))
+                }
+            }
+        }
+        Input::Str(s) => s.trim().parse::<i64>().map_err(|_| {
+            if !s.trim().is_empty()
+                && s.trim()
+                    .trim_start_matches('-')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            {
+                FieldError::OutOfRange(format!("{} for bigint", clip(s)))
+            } else {
+                FieldError::Invalid(format!("`{}` is not an integer", clip(s)))
+            }
+        }),
+        Input::UnixMicros(micros) => Ok(micros),
+        other => Err(wrong("an integer", other)),
+    }
+}
+
+fn to_f64(input: Input<'_>) -> Result<f64, FieldError> {
+    match input {
+        Input::Int(n) => Ok(n as f64),
+        Input::Json(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| FieldError::Invalid(format!("{n} is not a number"))),
+        Input::Str(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| FieldError::Invalid(format!("`{}` is not a number", clip(s)))),
+        other => Err(wrong("a number", other)),
+    }
+}
+
+/// Converts a timestamp to Unix microseconds. Numbers (and strings of
+/// digits) are epoch values in `unit`; other strings are RFC 3339, or
+/// `YYYY-MM-DD[ T]HH:MM:SS[.f]` without offset, read as UTC. Years outside
+/// 1..=9999 are refused.
+pub fn to_unix_micros(input: Input<'_>, unit: TimeUnit) -> Result<i64, FieldError> {
+    let input = match input {
+        Input::Json(Value::String(s)) => Input::Str(s),
+        other => other,
+    };
+    let micros = match input {
+        Input::UnixMicros(micros) => micros,
+        Input::Int(n) => scale_epoch(n as f64, unit)?,
+        Input::Json(Value::Number(n)) => {
+            let value = match n.as_i64() {
+                Some(i) => i as f64,
+                None => n.as_f64().unwrap_or(f64::NAN),
+            };
+            if let Some(i) = n.as_i64() {
+                scale_epoch_int(i, unit)?
+            } else {
+                scale_epoch(value, unit)?
+            }
+        }
+        Input::Str(s) => {
+            let s = s.trim();
+            let numeric = !s.is_empty()
+                && s.trim_start_matches('-')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'.')
+                && s.trim_start_matches('-')
+                    .bytes()
+                    .any(|b| b.is_ascii_digit());
+            if numeric {
+                match s.parse::<i64>() {
+                    Ok(i) => scale_epoch_int(i, unit)?,
+                    Err(_) => scale_epoch(
+                        s.parse::<f64>().map_err(|_| {
+                            FieldError::Invalid(format!("`{}` is not a timestamp", clip(s)))
+                        })?,
+                        unit,
+                    )?,
+                }
+            } else {
+                parse_timestamp_text(s)?
+            }
+        }
+        other => return Err(wrong("a timestamp", other)),
+    };
+    if !(MIN_UNIX_MICROS..MAX_UNIX_MICROS).contains(&micros) {
+        return Err(FieldError::OutOfRange(
+            "timestamp outside years 1 to 9999".into(),
+        ));
+    }
+    Ok(micros)
+}
+
+fn scale_epoch_int(value: i64, unit: TimeUnit) -> Result<i64, FieldError> {
+    let factor = match unit {
+        TimeUnit::Seconds => 1_000_000,
+        TimeUnit::Millis => 1_000,
+        TimeUnit::Micros => 1,
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| FieldError::OutOfRange(format!("epoch value {value}")))
+}
+
+fn scale_epoch(value: f64, unit: TimeUnit) -> Result<i64, FieldError> {
+    let factor = match unit {
+        TimeUnit::Seconds => 1e6,
+        TimeUnit::Millis => 1e3,
+        TimeUnit::Micros => 1.0,
+    };
+    let micros = (value * factor).round();
+    if !micros.is_finite() || micros.abs() >= 9.2e18 {
+        return Err(FieldError::OutOfRange(format!("epoch value {value}")));
+    }
+    Ok(micros as i64)
+}
+
+fn parse_timestamp_text(s: &str) -> Result<i64, FieldError> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(s) {
+        return Ok(at.timestamp_micros());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(at) = DateTime::parse_from_str(s, format) {
+            return Ok(at.timestamp_micros());
+        }
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(at) = NaiveDateTime::parse_from_str(s, format) {
+            return Ok(at.and_utc().timestamp_micros());
+        }
+    }
+    Err(FieldError::Invalid(format!(
+        "`{}` is not a timestamp",
+        clip(s)
+    )))
+}
+
+/// Encodes a decimal number (`-12.340`, `1e-3`) in numeric's binary form:
+/// base-10000 digits with a weight, sign and display scale.
+pub fn encode_numeric(buf: &mut BytesMut, text: &str) -> Result<(), FieldError> {
+    let invalid = || FieldError::Invalid(format!("`{}` is not a number", clip(text)));
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (
+            &unsigned[..at],
+            unsigned[at + 1..].parse::<i32>().map_err(|_| invalid())?,
+        ),
+        None => (unsigned, 0),
+    };
+    let (int_part, frac_part) = match mantissa.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (mantissa, ""),
+    };
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(invalid());
+    }
+    if exponent.abs() > 1000 {
+        return Err(FieldError::OutOfRange(format!(
+            "exponent of {}",
+            clip(text)
+        )));
+    }
+    // All digits, and the position of the decimal point within them.
+    let digits: Vec<u8> = int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .map(|b| b - b'0')
+        .collect();
+    let point = int_part.len() as i32 + exponent;
+    let scale = (frac_part.len() as i32 - exponent).max(0) as u16;
+
+    // Digit i stands for 10^(point - 1 - i). Base-10000 digit w holds the
+    // decimal powers 4w..4w+3; gather every decimal digit into its group.
+    let mut groups: Vec<i16> = Vec::new();
+    let mut weight = 0;
+    if !digits.is_empty() {
+        let n = digits.len() as i32;
+        let max_weight = (point - 1).div_euclid(4);
+        let min_weight = (point - n).div_euclid(4);
+        groups = vec![0; (max_weight - min_weight + 1) as usize];
+        for (i, digit) in digits.iter().enumerate() {
+            let power = point - 1 - i as i32;
+            let group = (max_weight - power.div_euclid(4)) as usize;
+            groups[group] += *digit as i16 * 10i16.pow(power.rem_euclid(4) as u32);
+        }
+        weight = max_weight;
+        // Strip leading zero groups (each lowers the weight) and trailing ones.
+        let leading = groups.iter().take_while(|g| **g == 0).count();
+        groups.drain(..leading);
+        weight -= leading as i32;
+        while groups.last() == Some(&0) {
+            groups.pop();
+        }
+        if groups.is_empty() {
+            weight = 0;
+        }
+    }
+    if groups.len() > i16::MAX as usize || weight.abs() > i16::MAX as i32 {
+        return Err(FieldError::OutOfRange(format!("numeric {}", clip(text))));
+    }
+    buf.put_i16(groups.len() as i16);
+    buf.put_i16(weight as i16);
+    buf.put_u16(if negative && !groups.is_empty() {
+        0x4000
+    } else {
+        0
+    });
+    buf.put_u16(scale);
+    for group in groups {
+        buf.put_i16(group);
+    }
+    Ok(())
+}
+
+/// True when any string (or key) in `value` holds U+0000, which jsonb refuses.
+pub fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        _ => false,
+    }
+}
+
+fn wrong(expected: &str, got: Input<'_>) -> FieldError {
+    let got = match got {
+        Input::Json(Value::Null) => "null",
+        Input::Json(Value::Bool(_)) => "a boolean",
+        Input::Json(Value::Number(_)) => "a number",
+        Input::Json(Value::String(_)) | Input::Str(_) => "a string",
+        Input::Json(Value::Array(_)) => "an array",
+        Input::Json(Value::Object(_)) => "an object",
+        Input::Bytes(_) => "bytes",
+        Input::Int(_) => "an integer",
+        Input::UnixMicros(_) => "a timestamp",
+    };
+    FieldError::WrongType(format!("expected {expected}, got {got}"))
+}
+
+/// At most 64 characters of untrusted text for an error message.
+fn clip(s: &str) -> String {
+    if s.chars().count() <= 64 {
+        s.to_string()
+    } else {
+        s.chars().take(64).collect::<String>() + "..."
+    }
+}
+
+/// Converts a JSON value given as the type's input where the type is text:
+/// used by the table of input kinds for Kafka keys and headers.
+pub fn textual(ty: &PgType) -> bool {
+    ty.is_textual()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn encode(ty: &PgType, input: Input<'_>) -> Result<Vec<u8>, FieldError> {
+        let mut buf = BytesMut::new();
+        write_field(&mut buf, ty, input, TimeUnit::Seconds)?;
+        let len = i32::from_be_bytes(buf[..4].try_into().unwrap());
+        assert_eq!(len as usize, buf.len() - 4, "length prefix");
+        Ok(buf[4..].to_vec())
+    }
+
+    fn numeric(text: &str) -> (i16, i16, u16, u16, Vec<i16>) {
+        let mut buf = BytesMut::new();
+        encode_numeric(&mut buf, text).unwrap();
+        let word = |i: usize| i16::from_be_bytes([buf[i], buf[i + 1]]);
+        let n = word(0);
+        let digits = (0..n as usize).map(|k| word(8 + 2 * k)).collect();
+        (n, word(2), word(4) as u16, word(6) as u16, digits)
+    }
+
+    #[test]
+    fn numeric_groups_digits_in_base_10000() {
+        assert_eq!(numeric("0"), (0, 0, 0, 0, vec![]));
+        assert_eq!(numeric("1"), (1, 0, 0, 0, vec![1]));
+        assert_eq!(numeric("12345.678"), (3, 1, 0, 3, vec![1, 2345, 6780]));
+        assert_eq!(numeric("-0.0001"), (1, -1, 0x4000, 4, vec![1]));
+        assert_eq!(numeric("10000"), (1, 1, 0, 0, vec![1]));
+        assert_eq!(numeric("1.5e3"), (1, 0, 0, 0, vec![1500]));
+        assert_eq!(numeric("0.00001234"), (1, -2, 0, 8, vec![1234]));
+        assert_eq!(numeric("1e-3"), (1, -1, 0, 3, vec![10]));
+        assert_eq!(numeric("-0"), (0, 0, 0, 0, vec![]));
+    }
+
+    #[test]
+    fn integers_check_their_range() {
+        assert_eq!(
+            encode(&PgType::Int2, Input::Json(&json!(7))).unwrap(),
+            vec![0, 7]
+        );
+        assert!(matches!(
+            encode(&PgType::Int2, Input::Json(&json!(70000))),
+            Err(FieldError::OutOfRange(_))
+        ));
+        assert_eq!(
+            encode(&PgType::Int4, Input::Str("42")).unwrap(),
+            42i32.to_be_bytes()
+        );
+        assert!(matches!(
+            encode(&PgType::Int8, Input::Json(&json!(1.5))),
+            Err(FieldError::Invalid(_))
+        ));
+        assert!(matches!(
+            encode(&PgType::Int8, Input::Json(&json!("x"))),
+            Err(FieldError::Invalid(_))
+        ));
+        assert!(matches!(
+            encode(&PgType::Int8, Input::Json(&json!({}))),
+            Err(FieldError::WrongType(_))
+        ));
+    }
+
+    #[test]
+    fn timestamps_accept_epochs_and_rfc3339() {
+        fn at(input: Input<'_>) -> i64 {
+            i64::from_be_bytes(
+                encode(&PgType::Timestamptz, input)
+                    .unwrap()
+                    .try_into()
+                    .unwrap(),
+            ) + PG_EPOCH_OFFSET_MICROS
+        }
+        let (whole, fractional) = (json!(1_700_000_000), json!(1_700_000_000.25));
+        assert_eq!(at(Input::Json(&whole)), 1_700_000_000_000_000);
+        assert_eq!(at(Input::Str("1700000000")), 1_700_000_000_000_000);
+        assert_eq!(at(Input::Json(&fractional)), 1_700_000_000_250_000);
+        assert_eq!(
+            at(Input::Str("2023-11-14T22:13:20Z")),
+            1_700_000_000_000_000
+        );
+        assert_eq!(at(Input::Str("2023-11-14 22:13:20")), 1_700_000_000_000_000);
+        assert_eq!(
+            at(Input::Str("2023-11-15T00:13:20+02:00")),
+            1_700_000_000_000_000
+        );
+        assert!(encode(&PgType::Timestamptz, Input::Str("yesterday")).is_err());
+        let quoted = json!("1700000000");
+        assert_eq!(
+            to_unix_micros(Input::Json(&quoted), TimeUnit::Seconds),
+            Ok(1_700_000_000_000_000)
+        );
+        assert!(matches!(
+            encode(&PgType::Timestamptz, Input::Str("99999999999999")),
+            Err(FieldError::OutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn text_refuses_nul_and_checks_length() {
+        assert_eq!(
+            encode(&PgType::Text, Input::Str("olá")).unwrap(),
+            "olá".as_bytes()
+        );
+        assert_eq!(
+            encode(&PgType::Text, Input::Json(&json!(12))).unwrap(),
+            b"12"
+        );
+        assert_eq!(
+            encode(&PgType::Text, Input::Str("a\0b")),
+            Err(FieldError::NulCharacter)
+        );
+        let short = PgType::BoundedText { max_chars: Some(3) };
+        assert!(encode(&short, Input::Str("olá")).is_ok());
+        assert!(matches!(
+            encode(&short, Input::Str("olás")),
+            Err(FieldError::TooLong(_))
+        ));
+    }
+
+    #[test]
+    fn jsonb_has_version_byte_and_refuses_nul() {
+        let out = encode(&PgType::Jsonb, Input::Json(&json!({"a": [1, "x"]}))).unwrap();
+        assert_eq!(out[0], 1);
+        assert_eq!(&out[1..], br#"{"a":[1,"x"]}"#);
+        assert_eq!(
+            encode(&PgType::Jsonb, Input::Json(&json!({"a": "\u{0}"}))),
+            Err(FieldError::NulCharacter)
+        );
+        // json (not jsonb) keeps the escape as text.
+        assert!(encode(&PgType::Json, Input::Json(&json!({"a": "\u{0}"}))).is_ok());
+    }
+
+    #[test]
+    fn a_failed_field_leaves_the_buffer_unchanged() {
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        assert!(
+            write_field(
+                &mut buf,
+                &PgType::Uuid,
+                Input::Str("nope"),
+                TimeUnit::Seconds
+            )
+            .is_err()
+        );
+        assert_eq!(&buf[..], b"abc");
+    }
+}

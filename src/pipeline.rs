@@ -1,0 +1,314 @@
+//! `weir run`: wires the consumer thread, the writers and the HTTP endpoint
+//! together, and shuts them down in order.
+//!
+//! Start-up checks everything it can before taking traffic: the config, the
+//! database connection, every table mapping against the catalog, weir's own
+//! tables, the partitions needed now and next. A problem found here is one
+//! clear error and a non-zero exit.
+//!
+//! Shutdown (SIGINT/SIGTERM): the consumer stops taking messages and closes
+//! the writers' queues; batchers cut what they hold; flushers commit what
+//! they can within `shutdown_grace_ms`; whatever is not committed by then is
+//! rolled back (a transaction is all or nothing) and will be read again by
+//! the partition's next owner.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_postgres::Client;
+
+use crate::catalog::{self, CatalogError};
+use crate::config::{Config, ConfigError, Granularity};
+use crate::consumer::{self, ConsumerParts, InFlight};
+use crate::db::{self, ConnectError};
+use crate::deadletter::DeadLetterTable;
+use crate::decode::Decoder;
+use crate::encode::PgType;
+use crate::health::Health;
+use crate::mapping::{self, Mappings};
+use crate::partition::{self, ManagedTable, PartitionError, load_partitions};
+use crate::writer::{Batcher, Flusher, now_micros};
+
+/// Why weir could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    #[error("postgres: {}", db::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+    #[error("partitions: {0}")]
+    Partition(#[from] PartitionError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What start-up learns from the database.
+pub struct Prepared {
+    pub mappings: Arc<Mappings>,
+    /// Partition managers of the mapped tables, by table index.
+    pub tables: Vec<Arc<ManagedTable>>,
+    pub dead_letters: Arc<DeadLetterTable>,
+    pub dead_letter_partitions: Arc<ManagedTable>,
+}
+
+/// Connects, makes sure weir's own tables exist, reads the catalog and
+/// compiles every mapping against it.
+pub async fn prepare(config: &Config, client: &mut Client) -> Result<Prepared, StartError> {
+    crate::schema::ensure_internal(client, config).await?;
+    let mut infos = Vec::new();
+    for table in &config.tables {
+        infos.push(catalog::load_table(client, &table.name, &config.postgres.schema).await?);
+    }
+    let mappings = mapping::compile(&config.tables, infos)?;
+    let mut tables = Vec::new();
+    for table in &mappings.tables {
+        let key_type = table
+            .info
+            .column(&table.config.time_column)
+            .and_then(|c| c.ty.clone().ok())
+            .unwrap_or(PgType::Timestamptz);
+        for key in table.config.storage_parameters.keys() {
+            if !partition::valid_parameter_name(key) {
+                return Err(ConfigError::new(
+                    format!("tables[{}].storage_parameters.{key}", table.index),
+                    "not a storage parameter name",
+                )
+                .into());
+            }
+        }
+        let partitions = load_partitions(client, table.info.oid).await?;
+        tables.push(Arc::new(ManagedTable::new(
+            table.info.oid,
+            table.info.schema.clone(),
+            table.info.name.clone(),
+            table.granularity,
+            key_type,
+            &table.config.storage_parameters,
+            partitions,
+        )));
+    }
+    let dead_letters = Arc::new(DeadLetterTable::new(config));
+    let dead_info =
+        catalog::load_table(client, &config.dead_letters.table, &config.postgres.schema).await?;
+    let dead_partitions = load_partitions(client, dead_info.oid).await?;
+    let dead_letter_partitions = Arc::new(ManagedTable::new(
+        dead_info.oid,
+        dead_info.schema,
+        dead_info.name,
+        Granularity::Day,
+        PgType::Timestamptz,
+        &Default::default(),
+        dead_partitions,
+    ));
+    Ok(Prepared {
+        mappings: Arc::new(mappings),
+        tables,
+        dead_letters,
+        dead_letter_partitions,
+    })
+}
+
+/// Creates the partition holding now and the `ahead` following ones.
+pub async fn premake(
+    client: &mut Client,
+    table: &ManagedTable,
+    ahead: u32,
+    lock_timeout: Duration,
+) -> Result<Vec<String>, PartitionError> {
+    let mut created = Vec::new();
+    let mut at = now_micros();
+    for _ in 0..=ahead {
+        let (lo, hi) = table.snapshot().route(table.granularity, at);
+        if table.snapshot().find(at).is_none() {
+            match table.ensure(client, lo, hi, lock_timeout).await {
+                Ok((leaf, true)) => {
+                    metrics::counter!(crate::metrics::PARTITIONS_CREATED, "table" => table.name.clone()).increment(1);
+                    created.push(leaf.qualified());
+                }
+                Ok((_, false)) | Err(PartitionError::Overlap) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        at = hi;
+    }
+    Ok(created)
+}
+
+/// Runs the pipeline until `shutdown` resolves.
+pub async fn run(
+    config: Arc<Config>,
+    shutdown: impl Future<Output = ()>,
+    metrics: Option<PrometheusHandle>,
+) -> Result<(), StartError> {
+    let url = config.require_database_url()?.to_string();
+    let mut control = db::connect(&url, &config.postgres, "control").await?;
+    let prepared = prepare(&config, &mut control).await?;
+    let lock_timeout = Duration::from_millis(config.postgres.ddl_lock_timeout_ms);
+    for (table, mapping) in prepared.tables.iter().zip(&prepared.mappings.tables) {
+        let created = premake(&mut control, table, mapping.config.premake, lock_timeout).await?;
+        if !created.is_empty() {
+            tracing::info!(table = %table.qualified(), partitions = ?created, "partitions premade");
+        }
+    }
+    premake(
+        &mut control,
+        &prepared.dead_letter_partitions,
+        1,
+        lock_timeout,
+    )
+    .await?;
+
+    let writers = config.postgres.writers;
+    let health = Arc::new(Health::new(writers));
+    let in_flight = Arc::new(InFlight::default());
+    let decoder = Arc::new(Decoder {
+        mappings: prepared.mappings.clone(),
+        tables: prepared.tables.clone(),
+        max_event_bytes: config.pipeline.max_event_bytes,
+        empty_events: config.pipeline.empty_events,
+    });
+    let (request_tx, request_rx) = std::sync::mpsc::channel();
+    let mut lane_senders = Vec::with_capacity(writers);
+    let mut flushers = Vec::with_capacity(writers);
+    let mut batchers = Vec::with_capacity(writers);
+    for index in 0..writers {
+        let (lane_tx, lane_rx) = tokio::sync::mpsc::channel(config.pipeline.queue_messages);
+        // One batch waits while one is written: decode overlaps COPY, and
+        // memory stays at two batches per writer.
+        let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(1);
+        lane_senders.push(lane_tx);
+        batchers.push(tokio::spawn(
+            Batcher {
+                decoder: decoder.clone(),
+                input: lane_rx,
+                output: batch_tx,
+                in_flight: in_flight.clone(),
+                max_rows: config.pipeline.batch_max_rows,
+                max_bytes: config.pipeline.batch_max_bytes,
+                linger: Duration::from_millis(config.pipeline.batch_linger_ms),
+            }
+            .run(),
+        ));
+        let flusher = Flusher::new(
+            index,
+            config.clone(),
+            url.clone(),
+            decoder.clone(),
+            prepared.dead_letters.clone(),
+            prepared.dead_letter_partitions.clone(),
+            request_tx.clone(),
+            in_flight.clone(),
+            health.clone(),
+        );
+        flushers.push(tokio::spawn(flusher.run(batch_rx)));
+    }
+    drop(request_tx);
+
+    let http = match metrics {
+        Some(handle) => Some(crate::http::serve(config.http.listen, handle, health.clone()).await?),
+        None => None,
+    };
+
+    let maintenance = config.maintenance.enabled.then(|| {
+        tokio::spawn(crate::maintenance::run_loop(
+            config.clone(),
+            url.clone(),
+            prepared.tables.clone(),
+            prepared.mappings.clone(),
+            prepared.dead_letter_partitions.clone(),
+        ))
+    });
+    drop(control);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (consumer_done_tx, consumer_done_rx) = tokio::sync::oneshot::channel();
+    let parts = ConsumerParts {
+        config: config.clone(),
+        database_url: url,
+        writers: lane_senders,
+        requests: request_rx,
+        in_flight,
+        health: health.clone(),
+        shutdown: stop.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        topics: prepared.mappings.topics(),
+    };
+    std::thread::Builder::new()
+        .name("weir-consumer".into())
+        .spawn(move || {
+            let result = consumer::run(parts);
+            let _ = consumer_done_tx.send(result);
+        })
+        .map_err(|err| StartError::Other(format!("cannot start the consumer thread: {err}")))?;
+
+    tokio::pin!(shutdown);
+    tokio::pin!(consumer_done_rx);
+    let early = tokio::select! {
+        _ = &mut shutdown => None,
+        result = &mut consumer_done_rx => Some(result),
+    };
+    tracing::info!("shutting down");
+    health.shutting_down();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(task) = maintenance {
+        task.abort();
+    }
+    let grace = Duration::from_millis(config.pipeline.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        for batcher in batchers {
+            let _ = batcher.await;
+        }
+        for flusher in flushers.iter_mut() {
+            let _ = flusher.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace period over: abandoning uncommitted batches (rolled back, read again by the next owner)"
+        );
+        for flusher in &flushers {
+            flusher.abort();
+        }
+    }
+    let consumer_result = match early {
+        Some(result) => result,
+        None => consumer_done_rx.await,
+    };
+    if let Some(http) = http {
+        http.abort();
+    }
+    match consumer_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(StartError::Kafka(err)),
+        Err(_) => Err(StartError::Other("the consumer thread died".into())),
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate =
+            signal(SignalKind::terminate()).expect("installing a SIGTERM handler should work");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

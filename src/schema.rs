@@ -1,0 +1,103 @@
+//! `weir migrate`: the bundled schema (the seeds' tables, from SQL files
+//! under `config/schema/`) and weir's own tables (offsets, dead letters).
+//!
+//! Every statement is idempotent (`IF NOT EXISTS`), and the whole migration
+//! runs in one transaction under an advisory lock, so pods starting together
+//! can all run it.
+
+use tokio_postgres::Client;
+
+use crate::catalog::split_name;
+use crate::config::Config;
+use crate::deadletter::DeadLetterTable;
+use crate::offsets::OffsetStore;
+use crate::partition::ADVISORY_LOCK_CLASS;
+
+/// The bundled SQL files, in order: (file name, SQL).
+pub const BUNDLED: &[(&str, &str)] = &[
+    (
+        "010_wa_events.sql",
+        include_str!("../config/schema/010_wa_events.sql"),
+    ),
+    (
+        "020_messages.sql",
+        include_str!("../config/schema/020_messages.sql"),
+    ),
+    (
+        "030_webhook_logs.sql",
+        include_str!("../config/schema/030_webhook_logs.sql"),
+    ),
+];
+
+/// Second key of the migration advisory lock (the first is weir's class).
+const MIGRATION_LOCK: i32 = 0;
+
+/// Applies weir's own tables and, unless `internal_only`, the bundled
+/// schema. Returns the names of the steps applied.
+pub async fn migrate(
+    client: &mut Client,
+    config: &Config,
+    internal_only: bool,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let transaction = client.transaction().await?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[&ADVISORY_LOCK_CLASS, &MIGRATION_LOCK],
+        )
+        .await?;
+    let mut applied = Vec::new();
+    if !internal_only {
+        for (name, sql) in BUNDLED {
+            transaction.batch_execute(sql).await?;
+            applied.push(name.to_string());
+        }
+    }
+    for (name, sql) in internal_ddl(config) {
+        transaction.batch_execute(&sql).await?;
+        applied.push(name);
+    }
+    transaction.commit().await?;
+    Ok(applied)
+}
+
+/// DDL of weir's own tables: (description, SQL).
+pub fn internal_ddl(config: &Config) -> Vec<(String, String)> {
+    let offsets = OffsetStore::new(config);
+    let dead = DeadLetterTable::new(config);
+    vec![
+        (format!("offsets table {}", offsets.table), offsets.ddl()),
+        (
+            format!("dead-letter table {}", dead.qualified()),
+            dead.ddl(),
+        ),
+    ]
+}
+
+/// Creates weir's own tables if they are missing (what `weir run` needs even
+/// when the user manages the data tables). Checks first, so a role without
+/// CREATE rights can run weir against tables made by `weir migrate`.
+pub async fn ensure_internal(
+    client: &mut Client,
+    config: &Config,
+) -> Result<(), tokio_postgres::Error> {
+    let schema = &config.postgres.schema;
+    let names = [&config.postgres.offsets_table, &config.dead_letters.table];
+    let mut missing = false;
+    for name in names {
+        let (schema, table) = split_name(name, schema);
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await?
+            .is_some();
+        missing |= !exists;
+    }
+    if missing {
+        migrate(client, config, true).await?;
+    }
+    Ok(())
+}
