@@ -180,9 +180,16 @@ pub struct PostgresConfig {
     /// Timeout for establishing a connection.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// `statement_timeout` of writer sessions (0 disables it).
+    /// `statement_timeout` of weir's sessions (0 disables it). Also bounds
+    /// how long a COPY from a stalled (frozen) weir process can hold locks.
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// `idle_in_transaction_session_timeout` of weir's sessions. weir never
+    /// pauses inside a transaction, so a session idle in one belongs to a
+    /// stalled process: PostgreSQL ends it, releasing the offset row it
+    /// holds, and the partition's new owner carries on.
+    #[serde(default = "default_idle_in_transaction_ms")]
+    pub idle_in_transaction_timeout_ms: u64,
     /// `lock_timeout` for partition DDL: a DDL step waiting longer gives up
     /// and is retried, so it never queues in front of readers for long.
     #[serde(default = "default_lock_timeout_ms")]
@@ -495,7 +502,10 @@ fn default_connect_timeout_ms() -> u64 {
     10_000
 }
 fn default_statement_timeout_ms() -> u64 {
-    300_000
+    60_000
+}
+fn default_idle_in_transaction_ms() -> u64 {
+    15_000
 }
 fn default_lock_timeout_ms() -> u64 {
     2_000

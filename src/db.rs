@@ -125,6 +125,11 @@ pub async fn connect(
     })?;
     pg.application_name(format!("{}-{role}", config.application_name));
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    // Notice a dead server (or a cut network) in about a minute, not hours.
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    pg.keepalives_interval(Duration::from_secs(10));
+    pg.keepalives_retries(3);
     let tls = tls_connector(config).map_err(ConnectError::Config)?;
     let (client, connection) = pg.connect(tls).await.map_err(ConnectError::Db)?;
     let role_name = role.to_string();
@@ -136,9 +141,11 @@ pub async fn connect(
     client
         .batch_execute(&format!(
             "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET search_path = {}, public; \
-             SET statement_timeout = {};",
+             SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}; \
+             SET client_min_messages = warning;",
             quote_ident(&config.schema),
-            config.statement_timeout_ms
+            config.statement_timeout_ms,
+            config.idle_in_transaction_timeout_ms
         ))
         .await
         .map_err(ConnectError::Db)?;

@@ -10,7 +10,7 @@
 //! - [`encode`]: PostgreSQL's binary COPY format;
 //! - [`partition`]: time ranges, the partition cache, creation on demand;
 //! - [`writer`], [`batch`], [`offsets`]: batches, transactions, fencing;
-//! - [`deadletter`]: what could not be written, and why;
+//! - [`deadletter`], [`dlq`]: what could not be written, and why; inspect and replay;
 //! - [`db`], [`catalog`], [`schema`]: sessions, errors, the catalog, migrations;
 //! - [`metrics`], [`health`], [`http`]: what operators see;
 //! - [`pipeline`], [`maintenance`]: wiring, start-up, shutdown, upkeep.
@@ -22,6 +22,7 @@ pub mod consumer;
 pub mod db;
 pub mod deadletter;
 pub mod decode;
+pub mod dlq;
 pub mod encode;
 pub mod health;
 pub mod http;

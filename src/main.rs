@@ -36,6 +36,140 @@ enum Command {
     /// Validate the config, connect to PostgreSQL and Kafka, and check every
     /// table mapping against the catalog. Exits non-zero naming what is wrong.
     Check,
+    /// Inspect and maintain time partitions.
+    Partitions {
+        #[command(subcommand)]
+        command: PartitionsCommand,
+    },
+    /// Inspect, replay and purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+/// Which dead letters a `dlq` command applies to.
+#[derive(Debug, clap::Args)]
+struct DlqFilter {
+    /// Target table.
+    #[arg(long)]
+    table: Option<String>,
+    /// Stage that refused it: decode, validate, route or write.
+    #[arg(long)]
+    stage: Option<String>,
+    /// Reason code (missing_required, event_time_out_of_window, 23505, ...).
+    #[arg(long)]
+    code: Option<String>,
+    /// Source topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Failed at or after: RFC 3339, a date, or a duration back from now (2h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Failed before: same forms as --since.
+    #[arg(long)]
+    until: Option<String>,
+    /// These ids only.
+    #[arg(long = "id")]
+    ids: Vec<i64>,
+}
+
+impl DlqFilter {
+    fn build(&self) -> anyhow::Result<weir::dlq::Filter> {
+        if let Some(stage) = &self.stage
+            && weir::batch::Stage::parse(stage).is_none()
+        {
+            bail!("--stage must be decode, validate, route or write (got `{stage}`)");
+        }
+        let time = |t: &Option<String>, flag: &str| -> anyhow::Result<_> {
+            t.as_deref()
+                .map(weir::dlq::parse_time)
+                .transpose()
+                .map_err(|err| anyhow!("{flag}: {err}"))
+        };
+        Ok(weir::dlq::Filter {
+            ids: self.ids.clone(),
+            table: self.table.clone(),
+            stage: self.stage.clone(),
+            code: self.code.clone(),
+            topic: self.topic.clone(),
+            since: time(&self.since, "--since")?,
+            until: time(&self.until, "--until")?,
+            include_replayed: false,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Dead letters, newest first.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Include those already replayed.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One dead letter in full, with its payload decompressed.
+    Show {
+        id: i64,
+        /// Largest payload shown (decompression stops there).
+        #[arg(long, default_value_t = 16 << 20)]
+        max_bytes: usize,
+    },
+    /// Decode and write again with the current config and schema; mark what
+    /// succeeds as replayed, in one transaction. Exit 3 if some fail again.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long, default_value_t = 10_000)]
+        limit: i64,
+        /// Report what would happen, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters (replayed or not) matching the filters.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Only those older than this (90s, 15m, 2h, 7d).
+        #[arg(long)]
+        older_than: Option<String>,
+        /// Purge everything when no filter is given.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PartitionsCommand {
+    /// Each table's partitions: bounds, rows (estimate), size, retention status.
+    List {
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Create the current partition and `premake` ahead.
+    Ensure {
+        #[arg(long)]
+        table: Option<String>,
+        /// Say what would be created, create nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Detach, archive (if configured) and drop partitions wholly older than
+    /// the table's retention.
+    Prune {
+        #[arg(long)]
+        table: Option<String>,
+        /// Say what would be dropped, drop nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,7 +181,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    // `run` logs at the configured level; one-shot commands only warn.
+    let level = match cli.command {
+        Command::Run => config.log.level.clone(),
+        _ => "warn".to_string(),
+    };
+    init_logging(&config, &level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -63,10 +202,16 @@ fn main() -> ExitCode {
             Command::Run => run(config).await,
             Command::Migrate { internal_only } => migrate(config, internal_only).await,
             Command::Check => check(config).await,
+            Command::Partitions { command } => partitions(config, command).await,
+            Command::Dlq { command } => dlq(config, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<PartialFailure>().is_some() => {
+            eprintln!("weir: {err:#}");
+            ExitCode::from(3)
+        }
         Err(err) => {
             eprintln!("weir: {err:#}");
             ExitCode::FAILURE
@@ -74,9 +219,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+fn init_logging(config: &Config, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -137,7 +282,11 @@ async fn check(config: Config) -> anyhow::Result<()> {
             sources
         );
         if let Some(default) = &managed.snapshot().default {
-            println!("  note: {default} is a DEFAULT partition");
+            println!(
+                "  note: {} is a DEFAULT partition: weir writes rows without a partition of their own there \
+                 and creates no partitions for this table",
+                default.qualified()
+            );
         }
     }
 
@@ -162,5 +311,216 @@ async fn check(config: Config) -> anyhow::Result<()> {
         bail!("topic(s) not found in Kafka: {}", missing.join(", "));
     }
     println!("check: ok");
+    Ok(())
+}
+
+async fn partitions(config: Config, command: PartitionsCommand) -> anyhow::Result<()> {
+    use weir::maintenance;
+    let url = config.require_database_url()?;
+    let mut client = weir::db::connect(url, &config.postgres, "partitions").await?;
+    let prepared = weir::pipeline::prepare(&config, &mut client).await?;
+    let wanted = match &command {
+        PartitionsCommand::List { table }
+        | PartitionsCommand::Ensure { table, .. }
+        | PartitionsCommand::Prune { table, .. } => table.clone(),
+    };
+    if let Some(name) = &wanted
+        && !config.tables.iter().any(|t| &t.name == name)
+        && *name != config.dead_letters.table
+    {
+        bail!("no table `{name}` in the configuration");
+    }
+    let retention = maintenance::retention_for(&config, &prepared.mappings);
+    let mut managed: Vec<(Arc<weir::partition::ManagedTable>, String, u32)> = prepared
+        .tables
+        .iter()
+        .zip(&prepared.mappings.tables)
+        .map(|(t, m)| (t.clone(), m.config.name.clone(), m.config.premake))
+        .collect();
+    managed.push((
+        prepared.dead_letter_partitions.clone(),
+        config.dead_letters.table.clone(),
+        1,
+    ));
+    let lock_timeout = Duration::from_millis(config.postgres.ddl_lock_timeout_ms);
+    let mut total = 0;
+    for (index, (table, name, premake)) in managed.iter().enumerate() {
+        if wanted.as_ref().is_some_and(|w| w != name) {
+            continue;
+        }
+        let retention = &retention[index];
+        match &command {
+            PartitionsCommand::List { .. } => {
+                let infos =
+                    maintenance::list(&client, table, retention.as_ref().map(|r| r.days)).await?;
+                println!(
+                    "{} ({}, retention: {}, premake: {premake})",
+                    table.qualified(),
+                    format!("{:?}", table.granularity).to_lowercase(),
+                    retention
+                        .as_ref()
+                        .map(|r| format!("{} days", r.days))
+                        .unwrap_or_else(|| "none".into()),
+                );
+                println!(
+                    "  {:<36} {:<17} {:<17} {:>10} {:>10}  STATUS",
+                    "PARTITION", "FROM", "TO", "ROWS", "SIZE"
+                );
+                for info in infos {
+                    println!(
+                        "  {:<36} {:<17} {:<17} {:>10} {:>10}  {}",
+                        info.leaf.name,
+                        maintenance::display_bound(info.leaf.lo),
+                        maintenance::display_bound(info.leaf.hi),
+                        info.rows
+                            .map(|r| r.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        info.size,
+                        info.status
+                    );
+                }
+            }
+            PartitionsCommand::Ensure { dry_run, .. } => {
+                for action in
+                    maintenance::premake(&mut client, table, *premake, lock_timeout, *dry_run)
+                        .await?
+                {
+                    println!("{}{action}", if *dry_run { "would have " } else { "" });
+                    total += 1;
+                }
+            }
+            PartitionsCommand::Prune { dry_run, .. } => {
+                let Some(retention) = retention else { continue };
+                for action in maintenance::prune(
+                    &mut client,
+                    &config,
+                    table,
+                    retention,
+                    lock_timeout,
+                    *dry_run,
+                )
+                .await?
+                {
+                    println!("{}{action}", if *dry_run { "would have " } else { "" });
+                    total += 1;
+                }
+            }
+        }
+    }
+    if !matches!(command, PartitionsCommand::List { .. }) && total == 0 {
+        println!("nothing to do");
+    }
+    Ok(())
+}
+
+/// Some of what was asked did not succeed (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PartialFailure(String);
+
+async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
+    let url = config.require_database_url()?;
+    let mut client = weir::db::connect(url, &config.postgres, "dlq").await?;
+    let dead = weir::deadletter::DeadLetterTable::new(&config);
+    match command {
+        DlqCommand::List { filter, all, limit } => {
+            let mut filter = filter.build()?;
+            filter.include_replayed = all;
+            let rows = weir::dlq::list(&client, &dead, &filter, limit)
+                .await
+                .map_err(|e| anyhow!(weir::db::describe(&e)))?;
+            println!(
+                "{:>8}  {:<20} {:<9} {:<26} {:<13} {:<40} {:>3} {:>8}  MESSAGE",
+                "ID", "FAILED AT", "STAGE", "CODE", "TABLE", "SOURCE", "TRY", "BYTES"
+            );
+            for row in &rows {
+                let message: String = row.message.chars().take(80).collect();
+                println!(
+                    "{:>8}  {:<20} {:<9} {:<26} {:<13} {:<40} {:>3} {:>8}  {}{}",
+                    row.id,
+                    row.failed_at.format("%Y-%m-%d %H:%M:%S"),
+                    row.stage,
+                    row.code,
+                    row.table.as_deref().unwrap_or("-"),
+                    row.source,
+                    row.attempts,
+                    row.size,
+                    if row.replayed { "[replayed] " } else { "" },
+                    message
+                );
+            }
+            println!("{} dead letter(s)", rows.len());
+        }
+        DlqCommand::Show { id, max_bytes } => match weir::dlq::show(&client, &dead, id, max_bytes)
+            .await
+            .map_err(|e| anyhow!(e))?
+        {
+            Some(text) => print!("{text}"),
+            None => bail!("no dead letter with id {id}"),
+        },
+        DlqCommand::Replay {
+            filter,
+            limit,
+            dry_run,
+        } => {
+            let filter = filter.build()?;
+            let prepared = weir::pipeline::prepare(&config, &mut client).await?;
+            let mut ddl = weir::db::connect(url, &config.postgres, "dlq-ddl").await?;
+            let report = weir::dlq::replay(
+                &mut client,
+                &mut ddl,
+                &config,
+                &prepared,
+                &filter,
+                limit,
+                dry_run,
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            println!(
+                "{}selected {}, replayed {} ({} rows written), failed again {}, skipped {} (truncated payloads)",
+                if dry_run {
+                    "dry run (nothing changed): "
+                } else {
+                    ""
+                },
+                report.selected,
+                report.replayed,
+                report.rows_written,
+                report.failed_again,
+                report.skipped
+            );
+            if report.failed_again + report.skipped > 0 {
+                return Err(PartialFailure(format!(
+                    "{} dead letter(s) could not be replayed; see `weir dlq list`",
+                    report.failed_again + report.skipped
+                ))
+                .into());
+            }
+        }
+        DlqCommand::Purge {
+            filter,
+            older_than,
+            all,
+            dry_run,
+        } => {
+            let filter = filter.build()?;
+            if filter.is_empty() && older_than.is_none() && !all {
+                bail!("refusing to purge every dead letter: give a filter, --older-than, or --all");
+            }
+            let older_than = older_than
+                .as_deref()
+                .map(weir::dlq::parse_duration)
+                .transpose()
+                .map_err(|e| anyhow!("--older-than: {e}"))?;
+            let deleted = weir::dlq::purge(&mut client, &dead, &filter, older_than, dry_run)
+                .await
+                .map_err(|e| anyhow!(weir::db::describe(&e)))?;
+            println!(
+                "{}{deleted} dead letter(s) purged",
+                if dry_run { "dry run: would have " } else { "" }
+            );
+        }
+    }
     Ok(())
 }

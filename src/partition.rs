@@ -47,12 +47,12 @@ impl Leaf {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionSet {
     pub leaves: Vec<Leaf>,
-    /// The DEFAULT partition, if the table has one.
-    pub default: Option<String>,
+    /// The DEFAULT partition, if the table has one (bounds MIN..MAX).
+    pub default: Option<Leaf>,
 }
 
 impl PartitionSet {
-    pub fn new(mut leaves: Vec<Leaf>, default: Option<String>) -> Self {
+    pub fn new(mut leaves: Vec<Leaf>, default: Option<Leaf>) -> Self {
         leaves.sort_by_key(|leaf| leaf.lo);
         PartitionSet { leaves, default }
     }
@@ -64,10 +64,13 @@ impl PartitionSet {
         (t < leaf.hi).then_some(leaf)
     }
 
+    /// The partition with exactly these bounds; `[MIN, MAX)` is the DEFAULT
+    /// partition when there is one.
     pub fn exact(&self, lo: i64, hi: i64) -> Option<&Leaf> {
         self.leaves
             .iter()
             .find(|leaf| leaf.lo == lo && leaf.hi == hi)
+            .or_else(|| self.default.as_ref().filter(|d| d.lo == lo && d.hi == hi))
     }
 
     pub fn overlaps(&self, lo: i64, hi: i64) -> bool {
@@ -78,9 +81,18 @@ impl PartitionSet {
     /// the table's granularity range around `t`, clipped to the gap between
     /// existing partitions (so a table laid out by another tool still gets
     /// partitions that fit).
+    ///
+    /// A table with a DEFAULT partition gets no new partitions from weir:
+    /// attaching one would lock the default partition while PostgreSQL scans
+    /// it, and fail as soon as it holds a row of the new range. Rows without
+    /// a partition of their own go to the DEFAULT partition instead, the
+    /// table owner's choice. Nothing is lost and nothing blocks.
     pub fn route(&self, granularity: Granularity, t: i64) -> (i64, i64) {
         if let Some(leaf) = self.find(t) {
             return (leaf.lo, leaf.hi);
+        }
+        if let Some(default) = &self.default {
+            return (default.lo, default.hi);
         }
         let (mut lo, mut hi) = bucket(granularity, t);
         let i = self.leaves.partition_point(|leaf| leaf.lo <= t);
@@ -231,7 +243,14 @@ pub async fn load_partitions(
                 schema,
                 name,
             }),
-            None => default = Some(qualify(&schema, &name)),
+            None => {
+                default = Some(Leaf {
+                    lo: i64::MIN,
+                    hi: i64::MAX,
+                    schema,
+                    name,
+                })
+            }
         }
     }
     Ok(PartitionSet::new(leaves, default))

@@ -28,9 +28,10 @@ use crate::deadletter::DeadLetterTable;
 use crate::decode::Decoder;
 use crate::encode::PgType;
 use crate::health::Health;
+use crate::maintenance;
 use crate::mapping::{self, Mappings};
 use crate::partition::{self, ManagedTable, PartitionError, load_partitions};
-use crate::writer::{Batcher, Flusher, now_micros};
+use crate::writer::{Batcher, Flusher};
 
 /// Why weir could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -117,32 +118,6 @@ pub async fn prepare(config: &Config, client: &mut Client) -> Result<Prepared, S
     })
 }
 
-/// Creates the partition holding now and the `ahead` following ones.
-pub async fn premake(
-    client: &mut Client,
-    table: &ManagedTable,
-    ahead: u32,
-    lock_timeout: Duration,
-) -> Result<Vec<String>, PartitionError> {
-    let mut created = Vec::new();
-    let mut at = now_micros();
-    for _ in 0..=ahead {
-        let (lo, hi) = table.snapshot().route(table.granularity, at);
-        if table.snapshot().find(at).is_none() {
-            match table.ensure(client, lo, hi, lock_timeout).await {
-                Ok((leaf, true)) => {
-                    metrics::counter!(crate::metrics::PARTITIONS_CREATED, "table" => table.name.clone()).increment(1);
-                    created.push(leaf.qualified());
-                }
-                Ok((_, false)) | Err(PartitionError::Overlap) => {}
-                Err(err) => return Err(err),
-            }
-        }
-        at = hi;
-    }
-    Ok(created)
-}
-
 /// Runs the pipeline until `shutdown` resolves.
 pub async fn run(
     config: Arc<Config>,
@@ -154,16 +129,32 @@ pub async fn run(
     let prepared = prepare(&config, &mut control).await?;
     let lock_timeout = Duration::from_millis(config.postgres.ddl_lock_timeout_ms);
     for (table, mapping) in prepared.tables.iter().zip(&prepared.mappings.tables) {
-        let created = premake(&mut control, table, mapping.config.premake, lock_timeout).await?;
-        if !created.is_empty() {
-            tracing::info!(table = %table.qualified(), partitions = ?created, "partitions premade");
+        if let Some(default) = &table.snapshot().default {
+            tracing::warn!(
+                table = %table.qualified(), default = %default.qualified(),
+                "table has a DEFAULT partition: weir will not create partitions for it (that would lock \
+                 the default partition and fail once it holds rows of the new range); rows with no \
+                 partition of their own are written to the DEFAULT partition"
+            );
+        }
+        let created = maintenance::premake(
+            &mut control,
+            table,
+            mapping.config.premake,
+            lock_timeout,
+            false,
+        )
+        .await?;
+        for action in created {
+            tracing::info!(table = %table.qualified(), %action, "partition premade");
         }
     }
-    premake(
+    maintenance::premake(
         &mut control,
         &prepared.dead_letter_partitions,
         1,
         lock_timeout,
+        false,
     )
     .await?;
 

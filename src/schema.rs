@@ -7,7 +7,7 @@
 
 use tokio_postgres::Client;
 
-use crate::catalog::split_name;
+use crate::catalog::{qualify, split_name};
 use crate::config::Config;
 use crate::deadletter::DeadLetterTable;
 use crate::offsets::OffsetStore;
@@ -81,19 +81,20 @@ pub async fn ensure_internal(
     client: &mut Client,
     config: &Config,
 ) -> Result<(), tokio_postgres::Error> {
-    let schema = &config.postgres.schema;
-    let names = [&config.postgres.offsets_table, &config.dead_letters.table];
+    let (offsets_schema, offsets) =
+        split_name(&config.postgres.offsets_table, &config.postgres.schema);
+    let (dead_schema, dead) = split_name(&config.dead_letters.table, &config.postgres.schema);
+    let names = [
+        qualify(offsets_schema, offsets),
+        qualify(dead_schema, dead),
+        crate::maintenance::journal_table(config),
+    ];
     let mut missing = false;
-    for name in names {
-        let (schema, table) = split_name(name, schema);
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2",
-                &[&schema, &table],
-            )
+    for name in &names {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[name])
             .await?
-            .is_some();
+            .get(0);
         missing |= !exists;
     }
     if missing {

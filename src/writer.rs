@@ -923,6 +923,17 @@ async fn copy_rows(
     send_copy(transaction, statement, copy_chunks(buf, &ranges)).await
 }
 
+/// COPYs byte `ranges` of encoded rows with a COPY statement given as text.
+pub async fn copy_ranges(
+    transaction: &Transaction<'_>,
+    statement: &str,
+    buf: &Bytes,
+    ranges: &[Range<usize>],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = transaction.prepare(statement).await?;
+    send_copy(transaction, &statement, copy_chunks(buf, ranges)).await
+}
+
 /// Streams `chunks` through `COPY ... FROM STDIN` and finishes it.
 async fn send_copy(
     transaction: &Transaction<'_>,

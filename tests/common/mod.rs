@@ -1,0 +1,389 @@
+//! Shared helpers for integration tests: the real PostgreSQL and Kafka
+//! broker of the local stack, a schema, topics and a consumer group of its
+//! own for every test (so tests run in parallel), and the shipped config
+//! pointed at them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio_postgres::{Client, NoTls};
+
+#[path = "../../loadtest/webhooks.rs"]
+pub mod webhooks;
+
+/// Connection settings of the local stack.
+pub struct Stack {
+    pub database_url: String,
+    pub brokers: String,
+}
+
+/// The stack, started once per test binary by `deploy/local/stack.sh up`
+/// unless `WEIR_DATABASE_URL` and `WEIR_KAFKA__BROKERS` are already set.
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        if let (Ok(database_url), Ok(brokers)) = (
+            std::env::var("WEIR_DATABASE_URL"),
+            std::env::var("WEIR_KAFKA__BROKERS"),
+        ) {
+            return Stack {
+                database_url,
+                brokers,
+            };
+        }
+        let script = project_root().join("deploy/local/stack.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .arg("up")
+            .output()
+            .expect("deploy/local/stack.sh should run");
+        assert!(
+            output.status.success(),
+            "stack.sh up failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let vars: HashMap<String, String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| line.strip_prefix("export "))
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        Stack {
+            database_url: vars["WEIR_DATABASE_URL"].clone(),
+            brokers: vars["WEIR_KAFKA__BROKERS"].clone(),
+        }
+    })
+}
+
+pub fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("test database should accept connections");
+    tokio::spawn(connection);
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("set timezone");
+    client
+}
+
+/// A schema of the test's own; the shipped schema is migrated into it.
+pub struct TestDb {
+    pub schema: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn new(prefix: &str) -> TestDb {
+        let schema = unique(prefix);
+        let client = connect(&stack().database_url).await;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA \"{schema}\"; SET search_path = \"{schema}\""
+            ))
+            .await
+            .expect("create test schema");
+        TestDb { schema, client }
+    }
+
+    /// Runs `weir migrate` (bundled tables plus weir's own) into the schema.
+    pub async fn migrate(&self, config: &weir::config::Config) {
+        let mut client = weir::db::connect(&stack().database_url, &config.postgres, "test-migrate")
+            .await
+            .expect("connect for migrate");
+        weir::schema::migrate(&mut client, config, false)
+            .await
+            .expect("migrate the bundled schema");
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+            .get(0)
+    }
+}
+
+/// Topic names of one test: the generator's topics with a unique prefix.
+pub struct Topics {
+    pub prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: unique(prefix),
+        }
+    }
+
+    pub fn name(&self, topic: &str) -> String {
+        format!("{}.{topic}", self.prefix)
+    }
+
+    pub fn webhooks(&self) -> String {
+        self.name(webhooks::WEBHOOK_TOPIC)
+    }
+
+    pub fn chat(&self) -> String {
+        self.name(webhooks::CHAT_TOPIC)
+    }
+
+    pub async fn create(&self, partitions: i32) {
+        create_topics(&[self.webhooks(), self.chat()], partitions).await;
+    }
+}
+
+pub async fn create_topics(names: &[String], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &stack().brokers)
+        .create()
+        .expect("admin client");
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics")
+    {
+        result.expect("topic created");
+    }
+}
+
+/// The shipped `config/weir.toml`, pointed at this test's schema, topics and
+/// group, with tansu-friendly consumer settings.
+pub fn config_text(schema: &str, topics: &Topics, group: &str, extra: &str) -> String {
+    let shipped = std::fs::read_to_string(project_root().join("config/weir.toml"))
+        .expect("read shipped config");
+    let mut table: toml::Table = toml::from_str(&shipped).expect("shipped config is TOML");
+    let kafka = table["kafka"].as_table_mut().expect("kafka section");
+    kafka.insert("brokers".into(), stack().brokers.clone().into());
+    kafka.insert("group_id".into(), group.into());
+    let properties = kafka["properties"].as_table_mut().expect("properties");
+    properties.insert("fetch.wait.max.ms".into(), "10".into());
+    properties.insert("session.timeout.ms".into(), "6000".into());
+    properties.insert("heartbeat.interval.ms".into(), "500".into());
+    table["postgres"]
+        .as_table_mut()
+        .expect("postgres section")
+        .insert("schema".into(), schema.into());
+    table["maintenance"]
+        .as_table_mut()
+        .expect("maintenance section")
+        .insert("interval_ms".into(), 5000.into());
+    for entry in table["tables"].as_array_mut().expect("tables") {
+        for source in entry["sources"].as_array_mut().expect("sources") {
+            let renamed: Vec<toml::Value> = source["topics"]
+                .as_array()
+                .expect("topics")
+                .iter()
+                .map(|t| toml::Value::String(topics.name(t.as_str().expect("topic name"))))
+                .collect();
+            source["topics"] = toml::Value::Array(renamed);
+        }
+    }
+    let mut text = toml::to_string(&table).expect("serialize config");
+    text.push('\n');
+    text.push_str(extra);
+    text
+}
+
+pub fn config(schema: &str, topics: &Topics, group: &str, extra: &str) -> weir::config::Config {
+    let env = vec![(
+        weir::config::DATABASE_URL_ENV.to_string(),
+        stack().database_url.clone(),
+    )];
+    weir::config::Config::from_toml(&config_text(schema, topics, group, extra), &env)
+        .expect("test config is valid")
+}
+
+/// Generated events plus the exact Kafka message each became.
+pub struct Sent {
+    pub events: Vec<webhooks::Produced>,
+}
+
+impl Sent {
+    /// Expected rows per table (duplicates deliveries counted once per delivery).
+    pub fn expected_rows(&self, table: &str) -> usize {
+        self.events
+            .iter()
+            .flat_map(|e| e.rows.iter())
+            .filter(|r| r.table == table)
+            .count()
+    }
+}
+
+/// Produces `events` to this test's topics and waits for every delivery.
+/// Returns the sum over partitions of (last delivered offset + 1): the
+/// stored offsets weir must reach. (Delivery reports are used because
+/// tansu's ListOffsets answers are not reliable.)
+pub async fn produce(topics: &Topics, events: &[webhooks::Produced]) -> i64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack().brokers)
+        .set("linger.ms", "5")
+        // One record per batch: tansu's in-memory engine answers a fetch at
+        // an offset inside a record batch with the *next* batch, skipping the
+        // rest of it, so consumers resuming mid-batch (after a restart, a
+        // pause, a seek) would miss messages. Real Kafka has no such issue.
+        .set("batch.num.messages", "1")
+        .set("message.max.bytes", "16000000")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(events.len());
+    for event in events {
+        let topic = topics.name(event.topic);
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in &event.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(&topic)
+            .key(event.key.as_bytes())
+            .payload(&event.payload)
+            .headers(headers);
+        pending.push(
+            producer
+                .send_result(record)
+                .map_err(|(err, _)| err)
+                .expect("enqueue message"),
+        );
+    }
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for (event, delivery) in events.iter().zip(pending) {
+        let delivered = delivery
+            .await
+            .expect("delivery future")
+            .map_err(|(err, _)| err)
+            .expect("message delivered");
+        let end = ends
+            .entry((event.topic.to_string(), delivered.partition))
+            .or_default();
+        *end = (*end).max(delivered.offset + 1);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    ends.values().sum()
+}
+
+/// Waits until the stored offsets of `group` cover `target` messages.
+pub async fn wait_for_offsets(db: &TestDb, group: &str, target: i64, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let stored: i64 = db
+            .client
+            .query_one(
+                &format!(
+                    "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets WHERE consumer_group = $1",
+                    db.schema
+                ),
+                &[&group],
+            )
+            .await
+            .expect("read offsets")
+            .get(0);
+        if stored >= target {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "stored offsets reached {stored} of {target} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Writes a config file for a weir process.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("config dir");
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Checks every table holds each expected key exactly once.
+pub async fn assert_exactly_once(db: &TestDb, sent: &Sent) {
+    let s = &db.schema;
+    let wa_expected = sent.expected_rows("wa_events") as i64;
+    let (wa_rows, wa_distinct) = pair(
+        db,
+        &format!("SELECT count(*), count(DISTINCT (event_id, event_type)) FROM \"{s}\".wa_events"),
+    )
+    .await;
+    assert_eq!(wa_rows, wa_expected, "wa_events rows");
+    assert_eq!(wa_distinct, wa_expected, "wa_events distinct keys");
+    let messages_expected = sent.expected_rows("messages") as i64;
+    let (messages_rows, messages_distinct) = pair(
+        db,
+        &format!("SELECT count(*), count(DISTINCT message_id) FROM \"{s}\".messages"),
+    )
+    .await;
+    assert_eq!(messages_rows, messages_expected, "messages rows");
+    assert_eq!(
+        messages_distinct, messages_expected,
+        "messages distinct keys"
+    );
+    let logs_expected = sent.expected_rows("webhook_logs") as i64;
+    let (log_rows, log_distinct) = pair(
+        db,
+        &format!(
+            "SELECT count(*), count(DISTINCT (source_topic, source_partition, source_offset)) FROM \"{s}\".webhook_logs"
+        ),
+    )
+    .await;
+    assert_eq!(log_rows, logs_expected, "webhook_logs rows");
+    assert_eq!(log_distinct, logs_expected, "webhook_logs distinct sources");
+}
+
+async fn pair(db: &TestDb, sql: &str) -> (i64, i64) {
+    let row = db
+        .client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    (row.get(0), row.get(1))
+}
+
+/// Generates `count` events with `shape`.
+pub fn generate(shape: webhooks::Shape, count: usize) -> Sent {
+    let mut generator = webhooks::Generator::new(shape);
+    Sent {
+        events: (0..count).map(|_| generator.next_event()).collect(),
+    }
+}

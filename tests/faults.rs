@@ -1,0 +1,291 @@
+//! Faults with real processes: `weir run` killed with SIGKILL mid-stream
+//! and restarted, a consumer frozen (SIGSTOP) until the group gives its
+//! partitions away and then thawed (a zombie), and two deployments writing
+//! the same offsets at once. Every time: each event exactly once.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::webhooks::Shape;
+use common::{TestDb, Topics};
+
+/// A `weir run` child process.
+struct Weir {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Weir {
+    fn start(dir: &std::path::Path, name: &str, config_text: &str) -> Weir {
+        let config_dir = dir.join(name);
+        let config = common::write_config(&config_dir, config_text);
+        let log = config_dir.join("weir.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("WEIR_DATABASE_URL", &common::stack().database_url)
+            .env("RUST_LOG", "weir=info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start weir");
+        Weir { child, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// SIGKILL: no chance to clean up.
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "weir did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn stored(db: &TestDb, group: &str) -> i64 {
+    db.count(&format!(
+        "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets WHERE consumer_group = '{group}'",
+        db.schema
+    ))
+    .await
+}
+
+async fn wait_until_stored(db: &TestDb, group: &str, at_least: i64) -> i64 {
+    let started = Instant::now();
+    loop {
+        let now = stored(db, group).await;
+        if now >= at_least {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "stuck at {now} of {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(common::unique(name))
+}
+
+fn small_batches(text: String, port: u16) -> String {
+    let mut table: toml::Table = toml::from_str(&text).expect("config");
+    let pipeline = table
+        .entry("pipeline")
+        .or_insert(toml::Value::Table(Default::default()));
+    let pipeline = pipeline.as_table_mut().expect("pipeline");
+    pipeline.insert("batch_max_rows".into(), 400.into());
+    pipeline.insert("batch_linger_ms".into(), 50.into());
+    table["http"]
+        .as_table_mut()
+        .expect("http")
+        .insert("listen".into(), format!("127.0.0.1:{port}").into());
+    toml::to_string(&table).expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_is_exactly_once() {
+    let db = TestDb::new("kill").await;
+    let topics = Topics::new("kill");
+    topics.create(4).await;
+    let group = common::unique("g");
+    let config = common::config(&db.schema, &topics, &group, "");
+    db.migrate(&config).await;
+    let sent = common::generate(
+        Shape {
+            seed: 11,
+            ..Shape::default()
+        },
+        30_000,
+    );
+    let target = common::produce(&topics, &sent.events).await;
+    let dir = test_dir("kill");
+    let text = small_batches(
+        common::config_text(&db.schema, &topics, &group, ""),
+        common::free_port(),
+    );
+
+    // Two crashes at different points of the stream, then a clean finish.
+    let mut killed_at = Vec::new();
+    for share in [4, 2] {
+        let mut weir = Weir::start(&dir, &format!("run{share}"), &text);
+        let reached = wait_until_stored(&db, &group, target / share).await;
+        weir.kill9();
+        assert!(
+            reached < target,
+            "killed mid-stream ({reached} of {target})"
+        );
+        killed_at.push(reached);
+    }
+    let mut weir = Weir::start(&dir, "final", &text);
+    wait_until_stored(&db, &group, target).await;
+    let status = weir.terminate();
+    assert!(
+        status.success(),
+        "clean exit after SIGTERM: {status}\n{}",
+        weir.log()
+    );
+    println!("killed at stored offsets {killed_at:?} of {target}");
+
+    common::assert_exactly_once(&db, &sent).await;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM \"{}\".weir_dead_letters",
+            db.schema
+        ))
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_consumer_that_wakes_up_is_fenced() {
+    let db = TestDb::new("zombie").await;
+    let topics = Topics::new("zombie");
+    topics.create(4).await;
+    let group = common::unique("g");
+    let config = common::config(&db.schema, &topics, &group, "");
+    db.migrate(&config).await;
+    let sent = common::generate(
+        Shape {
+            seed: 12,
+            ..Shape::default()
+        },
+        30_000,
+    );
+    let target = common::produce(&topics, &sent.events).await;
+    let dir = test_dir("zombie");
+
+    // Both in one consumer group. Short PostgreSQL timeouts: the frozen
+    // process may hold an offset row locked mid-transaction, and it is
+    // PostgreSQL that must end its session for the other to go on.
+    let timeouts = |text: String| {
+        let mut table: toml::Table = toml::from_str(&text).expect("config");
+        let postgres = table["postgres"].as_table_mut().expect("postgres");
+        postgres.insert("statement_timeout_ms".into(), 8000.into());
+        postgres.insert("idle_in_transaction_timeout_ms".into(), 4000.into());
+        toml::to_string(&table).expect("config")
+    };
+    let first_text = timeouts(small_batches(
+        common::config_text(&db.schema, &topics, &group, ""),
+        common::free_port(),
+    ));
+    let second_text = timeouts(small_batches(
+        common::config_text(&db.schema, &topics, &group, ""),
+        common::free_port(),
+    ));
+    let first = Weir::start(&dir, "first", &first_text);
+    wait_until_stored(&db, &group, target / 10).await;
+    let mut second = Weir::start(&dir, "second", &second_text);
+    // Let them share the partitions, then freeze the first one mid-work:
+    // its session times out and the group gives its partitions to the second.
+    wait_until_stored(&db, &group, target / 4).await;
+    first.signal("STOP");
+    let frozen_at = stored(&db, &group).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let progressed = stored(&db, &group).await;
+    // Thaw it: whatever it was about to commit must not be written again.
+    first.signal("CONT");
+    wait_until_stored(&db, &group, target).await;
+    let mut first = first;
+    assert!(first.terminate().success(), "{}", first.log());
+    assert!(second.terminate().success(), "{}", second.log());
+    println!("frozen at {frozen_at}, the other consumer went on to {progressed} of {target}");
+    assert!(
+        progressed > frozen_at,
+        "the second consumer took over while the first was frozen"
+    );
+    assert!(
+        first.log().contains("batch fenced"),
+        "the woken consumer's stale batches were fenced:\n{}",
+        first.log()
+    );
+
+    common::assert_exactly_once(&db, &sent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deployments_on_the_same_offsets_never_write_twice() {
+    let db = TestDb::new("overlap").await;
+    let topics = Topics::new("overlap");
+    topics.create(2).await;
+    let group = common::unique("g");
+    let config = common::config(&db.schema, &topics, &group, "");
+    db.migrate(&config).await;
+    let sent = common::generate(
+        Shape {
+            seed: 13,
+            ..Shape::default()
+        },
+        10_000,
+    );
+    let target = common::produce(&topics, &sent.events).await;
+    let dir = test_dir("overlap");
+
+    // Different Kafka consumer groups (each reads every partition) sharing
+    // one offsets group: a total overlap, every batch raced.
+    let overlap = |port: u16, kafka_group: &str| {
+        let text = common::config_text(&db.schema, &topics, kafka_group, "");
+        let mut table: toml::Table = toml::from_str(&small_batches(text, port)).expect("config");
+        table["kafka"]
+            .as_table_mut()
+            .expect("kafka")
+            .insert("offsets_group".into(), group.clone().into());
+        toml::to_string(&table).expect("config")
+    };
+    let mut a = Weir::start(
+        &dir,
+        "a",
+        &overlap(common::free_port(), &common::unique("ka")),
+    );
+    let mut b = Weir::start(
+        &dir,
+        "b",
+        &overlap(common::free_port(), &common::unique("kb")),
+    );
+    wait_until_stored(&db, &group, target).await;
+    assert!(a.terminate().success(), "{}", a.log());
+    assert!(b.terminate().success(), "{}", b.log());
+    let fenced = a.log().matches("batch fenced").count() + b.log().matches("batch fenced").count();
+    println!("fenced batches: {fenced}");
+    assert!(fenced > 0, "the overlap was real: some commits were fenced");
+
+    common::assert_exactly_once(&db, &sent).await;
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# weir's whole test suite, from a fresh clone: provisions what it needs
+# (PostgreSQL, the tansu broker; cached under ~/.cache/weir), then runs the
+# format and lint checks and every test against the real services.
+#
+#   tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "local stack"
+eval "$(deploy/local/stack.sh up)"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --all-targets --locked -- --nocapture
+
+step "all tests passed"
