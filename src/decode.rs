@@ -23,6 +23,9 @@ pub struct Decoder {
     /// Partition sets of the mapped tables, by table index.
     pub tables: Vec<Arc<ManagedTable>>,
     pub max_event_bytes: usize,
+    /// Events above this are refused as `oversize` (their dead letter keeps
+    /// only a prefix); between `max_event_bytes` and this, `event_too_large`.
+    pub oversize_bytes: usize,
     pub empty_events: EmptyEvents,
 }
 
@@ -65,7 +68,11 @@ impl Decoder {
             dead(
                 out,
                 Stage::Validate,
-                "event_too_large",
+                if event.payload.len() > self.oversize_bytes {
+                    "oversize"
+                } else {
+                    "event_too_large"
+                },
                 format!(
                     "event of {} bytes is over pipeline.max_event_bytes ({})",
                     event.payload.len(),
@@ -350,4 +357,257 @@ fn format_micros(micros: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
         .map(|at| at.to_rfc3339())
         .unwrap_or_else(|| format!("{micros}us"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{ColumnInfo, TableInfo};
+    use crate::config::{Config, Granularity};
+    use crate::partition::{ManagedTable, PartitionSet};
+    use bytes::Bytes;
+
+    /// A decoder for a webhook-like table: explode messages, item time in
+    /// seconds, a header tenant.
+    fn decoder() -> Decoder {
+        let text = r#"
+            [[tables]]
+            name = "events"
+            time_column = "created_at"
+            granularity = "month"
+            max_age_days = 30
+            max_future_skew_secs = 3600
+            [[tables.sources]]
+            topics = ["t"]
+            explode = [{ path = "/entry/*/messages/*", kind = "message" }]
+            [tables.sources.columns]
+            id         = { item = "/id" }
+            tenant     = { header = "tenant" }
+            envelope   = { event = "/entry/*/phone" }
+            kind       = { weir = "item_kind" }
+            created_at = { item = "/timestamp", time_unit = "s" }
+        "#;
+        let config = Config::from_toml(text, &[]).unwrap();
+        let column = |name: &str, ty: PgType, not_null: bool| ColumnInfo {
+            name: name.into(),
+            ty: Ok(ty),
+            not_null,
+            has_default: false,
+            generated: false,
+        };
+        let info = TableInfo {
+            oid: 1,
+            schema: "public".into(),
+            name: "events".into(),
+            columns: vec![
+                column("id", PgType::Text, true),
+                column("tenant", PgType::Uuid, true),
+                column("envelope", PgType::Text, false),
+                column("kind", PgType::Text, false),
+                column("created_at", PgType::Timestamptz, true),
+            ],
+            range_key: Some("created_at".into()),
+            partitioning: "range",
+        };
+        let mappings = crate::mapping::compile(&config.tables, vec![info]).unwrap();
+        let table = ManagedTable::new(
+            1,
+            "public".into(),
+            "events".into(),
+            Granularity::Month,
+            PgType::Timestamptz,
+            &Default::default(),
+            PartitionSet::default(),
+        );
+        Decoder {
+            mappings: Arc::new(mappings),
+            tables: vec![Arc::new(table)],
+            max_event_bytes: 10_000,
+            oversize_bytes: 50_000,
+            empty_events: EmptyEvents::DeadLetter,
+        }
+    }
+
+    fn event(payload: &[u8], tenant: Option<&str>) -> Event {
+        Event {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 7,
+            timestamp_ms: Some(1),
+            key: None,
+            headers: tenant
+                .map(|t| {
+                    vec![(
+                        "tenant".to_string(),
+                        Some(Bytes::copy_from_slice(t.as_bytes())),
+                    )]
+                })
+                .unwrap_or_default(),
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    const TENANT: &str = "6f1f7a7e-4b7a-4a39-9a61-5d3b9f0e2c11";
+    const NOW: i64 = 1_763_800_000_000_000; // 2025-11-22T08:26:40Z
+
+    fn body(timestamps: &[serde_json::Value]) -> Vec<u8> {
+        let messages: Vec<serde_json::Value> = timestamps
+            .iter()
+            .enumerate()
+            .map(|(i, ts)| serde_json::json!({"id": format!("m{i}"), "timestamp": ts}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({"entry": [{"phone": "p1", "messages": messages}]}))
+            .unwrap()
+    }
+
+    fn outcome_of(timestamp: serde_json::Value) -> (usize, Vec<(Stage, String)>) {
+        let mut out = Gathered::default();
+        decoder().decode(&event(&body(&[timestamp]), Some(TENANT)), 0, NOW, &mut out);
+        (
+            out.rows,
+            out.dead_letters
+                .iter()
+                .map(|d| (d.stage, d.code.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn event_times_outside_the_window_are_dead_letters_never_partitions() {
+        let window = (Stage::Route, "event_time_out_of_window".to_string());
+        let now_secs = NOW / 1_000_000;
+        assert_eq!(
+            outcome_of(serde_json::json!(now_secs.to_string())),
+            (1, vec![])
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(0)),
+            (0, vec![window.clone()]),
+            "1970"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(-86400)),
+            (0, vec![window.clone()]),
+            "negative"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!("253402300799")),
+            (0, vec![window.clone()]),
+            "9999-12-31"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(now_secs - 31 * 86_400)),
+            (0, vec![window.clone()]),
+            "older than max_age"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(now_secs + 7200)),
+            (0, vec![window]),
+            "beyond the skew"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!("99999999999999")),
+            (0, vec![(Stage::Validate, "out_of_range".into())]),
+            "past year 9999"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!("noon-ish")),
+            (0, vec![(Stage::Validate, "invalid_value".into())]),
+            "unparsable"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(null)),
+            (0, vec![(Stage::Validate, "missing_required".into())]),
+            "missing"
+        );
+        assert_eq!(
+            outcome_of(serde_json::json!(now_secs as f64 + 0.5)),
+            (1, vec![]),
+            "fractional seconds"
+        );
+    }
+
+    #[test]
+    fn good_items_of_a_body_are_written_next_to_a_bad_one() {
+        let now_secs = NOW / 1_000_000;
+        let mut out = Gathered::default();
+        let payload = body(&[
+            serde_json::json!(now_secs),
+            serde_json::json!("bad"),
+            serde_json::json!(now_secs - 60),
+        ]);
+        let outcome = decoder().decode(&event(&payload, Some(TENANT)), 3, NOW, &mut out);
+        assert_eq!(
+            outcome,
+            Outcome {
+                rows: 2,
+                dead_letters: 1,
+                skipped: false
+            }
+        );
+        let letter = &out.dead_letters[0];
+        assert_eq!(letter.item, Some(1));
+        assert_eq!(letter.item_path.as_deref(), Some("/entry/0/messages/1"));
+        assert_eq!(letter.message, 3);
+        assert_eq!(out.segments.len(), 1, "both rows go to the same month");
+        assert_eq!(
+            out.segments[0]
+                .rows
+                .iter()
+                .map(|r| r.item)
+                .collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+    }
+
+    #[test]
+    fn decode_failures_are_classified() {
+        let codes = |payload: &[u8], tenant: Option<&str>| {
+            let mut out = Gathered::default();
+            decoder().decode(&event(payload, tenant), 0, NOW, &mut out);
+            out.dead_letters
+                .iter()
+                .map(|d| format!("{}/{}", d.stage.as_str(), d.code))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            codes(b"{\"entry\": [", Some(TENANT)),
+            vec!["decode/invalid_json"]
+        );
+        assert_eq!(
+            codes(b"{\"a\": \"\xff\"}", Some(TENANT)),
+            vec!["decode/invalid_utf8"]
+        );
+        assert_eq!(
+            codes(br#"{"a": "\ud800"}"#, Some(TENANT)),
+            vec!["decode/invalid_json"],
+            "lone surrogate"
+        );
+        let deep = "[".repeat(2_000) + &"]".repeat(2_000);
+        assert_eq!(
+            codes(deep.as_bytes(), Some(TENANT)),
+            vec!["decode/nesting_too_deep"]
+        );
+        assert_eq!(
+            codes(&vec![b' '; 10_001], Some(TENANT)),
+            vec!["validate/event_too_large"]
+        );
+        assert_eq!(
+            codes(&vec![b' '; 50_001], Some(TENANT)),
+            vec!["validate/oversize"]
+        );
+        assert_eq!(
+            codes(br#"{"entry": []}"#, Some(TENANT)),
+            vec!["route/no_rows"]
+        );
+        let now_secs = NOW / 1_000_000;
+        assert_eq!(
+            codes(&body(&[serde_json::json!(now_secs)]), None),
+            vec!["validate/missing_required"]
+        );
+        assert_eq!(
+            codes(&body(&[serde_json::json!(now_secs)]), Some("acme")),
+            vec!["validate/invalid_value"]
+        );
+    }
 }

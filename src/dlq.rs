@@ -332,6 +332,7 @@ pub async fn replay(
         mappings: prepared.mappings.clone(),
         tables: prepared.tables.clone(),
         max_event_bytes: config.pipeline.max_event_bytes,
+        oversize_bytes: config.dead_letters.max_payload_bytes,
         empty_events: config.pipeline.empty_events,
     };
     let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();

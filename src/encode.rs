@@ -162,7 +162,10 @@ fn encode_value(
     // Text-like inputs read as a JSON string would be; keys and headers are
     // bytes that must be UTF-8 for anything but bytea.
     let input = match input {
-        Input::Json(Value::String(s)) => Input::Str(s),
+        // A JSON string is a JSON value for json/jsonb columns, text for the rest.
+        Input::Json(Value::String(s)) if !matches!(ty, PgType::Json | PgType::Jsonb) => {
+            Input::Str(s)
+        }
         Input::Bytes(bytes) if *ty != PgType::Bytea => Input::Str(
             std::str::from_utf8(bytes)
                 .map_err(|_| FieldError::Invalid("bytes are not valid UTF-8".into()))?,

@@ -165,6 +165,7 @@ pub async fn run(
         mappings: prepared.mappings.clone(),
         tables: prepared.tables.clone(),
         max_event_bytes: config.pipeline.max_event_bytes,
+        oversize_bytes: config.dead_letters.max_payload_bytes,
         empty_events: config.pipeline.empty_events,
     });
     let (request_tx, request_rx) = std::sync::mpsc::channel();

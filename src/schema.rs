@@ -71,6 +71,13 @@ pub fn internal_ddl(config: &Config) -> Vec<(String, String)> {
             format!("dead-letter table {}", dead.qualified()),
             dead.ddl(),
         ),
+        (
+            format!(
+                "retention journal {}",
+                crate::maintenance::journal_table(config)
+            ),
+            crate::maintenance::journal_ddl(config),
+        ),
     ]
 }
 
