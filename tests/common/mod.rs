@@ -387,3 +387,137 @@ pub fn generate(shape: webhooks::Shape, count: usize) -> Sent {
         events: (0..count).map(|_| generator.next_event()).collect(),
     }
 }
+
+/// An in-process `weir run`.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), weir::pipeline::StartError>>>,
+    /// Port of its HTTP endpoint.
+    pub port: u16,
+}
+
+impl Running {
+    /// Starts the pipeline with an HTTP endpoint on a free port (metrics go
+    /// to a recorder of its own, not installed globally).
+    pub fn start(mut config: weir::config::Config) -> Running {
+        let port = free_port();
+        config.http.listen = format!("127.0.0.1:{port}").parse().expect("listen address");
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(weir::pipeline::run(
+            std::sync::Arc::new(config),
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(handle),
+        ));
+        Running {
+            stop: Some(stop),
+            task: Some(task),
+            port,
+        }
+    }
+
+    /// SIGTERM, in effect: stops and waits for a clean exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("pipeline task")
+                .expect("pipeline stops cleanly");
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path).await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `check` every 100 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < timeout, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A producer for hand-made messages (one record per batch, see `produce`).
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &stack().brokers)
+        .set("batch.num.messages", "1")
+        .set("message.max.bytes", "16000000")
+        .create()
+        .expect("producer")
+}
+
+/// Sends one message; returns its offset.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    headers: &[(&str, &[u8])],
+    payload: Option<&[u8]>,
+) -> i64 {
+    let mut owned = OwnedHeaders::new();
+    for (name, value) in headers {
+        owned = owned.insert(Header {
+            key: name,
+            value: Some(*value),
+        });
+    }
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        .key(key)
+        .headers(owned);
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(err, _)| err)
+        .expect("delivered")
+        .offset
+}
