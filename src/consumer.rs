@@ -126,6 +126,10 @@ type LaneKey = (Arc<str>, i32);
 struct Lane {
     epoch: u64,
     writer: usize,
+    /// The stored offset as last known here (from the assignment, then from
+    /// each commit): the lag reported is measured from it, i.e. from what is
+    /// in PostgreSQL, not from what was merely read.
+    stored: Option<i64>,
 }
 
 /// State shared by the poll loop and the rebalance callbacks (both run on
@@ -163,7 +167,6 @@ pub struct WeirContext {
     writers: usize,
     in_flight: Arc<InFlight>,
     health: Arc<Health>,
-    commit_requested: Mutex<Option<Instant>>,
 }
 
 impl WeirContext {
@@ -247,9 +250,14 @@ impl WeirContext {
             let epoch = state.next_epoch;
             state.next_epoch += 1;
             let writer = writer_for(&topic, partition, self.writers);
-            state
-                .lanes
-                .insert((topic.clone(), partition), Lane { epoch, writer });
+            state.lanes.insert(
+                (topic.clone(), partition),
+                Lane {
+                    epoch,
+                    writer,
+                    stored,
+                },
+            );
             tracing::info!(topic = %topic, partition, epoch, stored = ?stored, "partition assigned");
             state.held.push_back((
                 writer,
@@ -337,17 +345,36 @@ impl WeirContext {
 impl ClientContext for WeirContext {
     fn error(&self, error: KafkaError, reason: &str) {
         counter!(m::KAFKA_ERRORS, "kind" => "client").increment(1);
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.health.kafka_reachable(false);
+        }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 
     fn stats(&self, statistics: Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .any(|broker| broker.nodeid >= 0 && broker.state == "UP");
+        self.health.kafka_reachable(up);
+        let state = self.state();
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                if *partition < 0 || p.consumer_lag < 0 {
+                if *partition < 0 || p.hi_offset < 0 {
                     continue;
                 }
+                let Some(lane) = state.lanes.get(&(Arc::from(topic.as_str()), *partition)) else {
+                    continue;
+                };
+                // Lag behind PostgreSQL: from the end of the partition to the
+                // stored offset (or, before the first commit, to the read
+                // position).
+                let done = lane
+                    .stored
+                    .or((p.app_offset >= 0).then_some(p.app_offset))
+                    .unwrap_or(0);
                 gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
+                    .set((p.hi_offset - done).max(0) as f64);
             }
         }
     }
@@ -368,25 +395,6 @@ impl ConsumerContext for WeirContext {
                 counter!(m::KAFKA_ERRORS, "kind" => "rebalance").increment(1);
                 let _ = base_consumer.unassign();
             }
-        }
-    }
-
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        _offsets: &TopicPartitionList,
-    ) {
-        if let Some(started) = self
-            .commit_requested
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            m::stage_time(m::stage::KAFKA_COMMIT, m::ALL_TABLES, started.elapsed());
-        }
-        if let Err(err) = result {
-            counter!(m::KAFKA_ERRORS, "kind" => "commit").increment(1);
-            tracing::debug!(error = %err, "kafka commit failed (progress is safe in PostgreSQL)");
         }
     }
 }
@@ -460,26 +468,41 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         writers: writers.len(),
         in_flight: in_flight.clone(),
         health: health.clone(),
-        commit_requested: Mutex::new(None),
     };
-    let consumer: BaseConsumer<WeirContext> =
-        client_config(&config).create_with_context(context)?;
+    let consumer: Arc<BaseConsumer<WeirContext>> =
+        Arc::new(client_config(&config).create_with_context(context)?);
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, "consumer subscribed");
 
     let max_in_flight = config.pipeline.max_in_flight_bytes;
+    let poll_time =
+        metrics::histogram!(m::STAGE_DURATION, "stage" => m::stage::POLL, "table" => m::ALL_TABLES);
     let commit_interval = Duration::from_millis(config.kafka.commit_interval_ms);
-    let mut last_commit = Instant::now();
     let mut requests_open = true;
+    // Kafka commits run on a thread of their own, synchronously: their
+    // duration is measured, and a slow or unreachable coordinator never
+    // stalls the poll loop.
+    let committer_stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let consumer = consumer.clone();
+        let stop = committer_stop.clone();
+        std::thread::Builder::new()
+            .name("weir-kafka-commit".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(commit_interval);
+                    commit_pending(&consumer);
+                }
+            })
+            .map_err(|err| {
+                KafkaError::ClientCreation(format!("cannot start the commit thread: {err}"))
+            })?
+    };
 
     while !shutdown.load(Ordering::Relaxed) {
         health.consumer_beat();
         serve_requests(&consumer, &requests, &mut requests_open);
-        if last_commit.elapsed() >= commit_interval {
-            commit_pending(&consumer, CommitMode::Async);
-            last_commit = Instant::now();
-        }
         let blocked = deliver_held(&consumer, &writers);
         // Backpressure: pause everything while over budget or blocked; resume
         // below half the budget (hysteresis keeps pause/resume from flapping).
@@ -509,8 +532,13 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         } else {
             Duration::from_millis(100)
         };
+        let polled = Instant::now();
         match consumer.poll(timeout) {
-            Some(Ok(message)) => take(&consumer, &message, &writers, &in_flight),
+            Some(Ok(message)) => {
+                // Time to get a message from librdkafka (wait included).
+                poll_time.record(polled.elapsed().as_secs_f64());
+                take(&consumer, &message, &writers, &in_flight);
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(err)) => {
                 counter!(m::KAFKA_ERRORS, "kind" => "consume").increment(1);
@@ -549,7 +577,11 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             drop(message);
         }
     }
-    commit_pending(&consumer, CommitMode::Sync);
+    // Last commit, once the commit thread is gone (two threads committing
+    // could land out of order and move Kafka's offset back).
+    committer_stop.store(true, Ordering::Relaxed);
+    let _ = committer.join();
+    commit_pending(&consumer);
     consumer.unsubscribe();
     tracing::info!("consumer stopped");
     Ok(())
@@ -571,13 +603,12 @@ fn serve_requests(
             }) => {
                 let ctx = consumer.context();
                 let mut state = ctx.state();
-                let current = state
-                    .lanes
-                    .get(&(topic.clone(), partition))
-                    .map(|l| l.epoch);
                 // Only for the assignment that made the commit: after a
                 // rebalance the partition's progress is the next owner's.
-                if current == Some(epoch) {
+                if let Some(lane) = state.lanes.get_mut(&(topic.clone(), partition))
+                    && lane.epoch == epoch
+                {
+                    lane.stored = Some(next);
                     state
                         .pending_commits
                         .insert((topic, partition), (epoch, next));
@@ -629,6 +660,7 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         Lane {
             epoch: new_epoch,
             writer,
+            stored,
         },
     );
     state.pending_commits.remove(&key);
@@ -655,7 +687,7 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
     ));
 }
 
-fn commit_pending(consumer: &BaseConsumer<WeirContext>, mode: CommitMode) {
+fn commit_pending(consumer: &BaseConsumer<WeirContext>) {
     let ctx = consumer.context();
     let mut tpl = TopicPartitionList::new();
     {
@@ -667,13 +699,15 @@ fn commit_pending(consumer: &BaseConsumer<WeirContext>, mode: CommitMode) {
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
     }
-    *ctx.commit_requested
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    let started = Instant::now();
     // Kafka's committed offset trails PostgreSQL's: it never runs ahead of
     // the data, because only offsets already committed there get here.
-    if let Err(err) = consumer.commit(&tpl, mode) {
-        tracing::debug!(error = %err, "kafka commit failed (progress is safe in PostgreSQL)");
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => m::stage_time(m::stage::KAFKA_COMMIT, m::ALL_TABLES, started.elapsed()),
+        Err(err) => {
+            counter!(m::KAFKA_ERRORS, "kind" => "commit").increment(1);
+            tracing::debug!(error = %err, "kafka commit failed (progress is safe in PostgreSQL)");
+        }
     }
 }
 

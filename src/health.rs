@@ -22,6 +22,7 @@ pub struct Health {
 struct State {
     consumer_beat: Instant,
     consumer_joined: bool,
+    kafka_reachable: bool,
     writer_beats: Vec<Instant>,
     writer_connected: Vec<bool>,
     /// Writer index -> what stopped it.
@@ -43,6 +44,7 @@ impl Health {
             state: Mutex::new(State {
                 consumer_beat: now,
                 consumer_joined: false,
+                kafka_reachable: true,
                 writer_beats: vec![now; writers],
                 writer_connected: vec![false; writers],
                 stopped: BTreeMap::new(),
@@ -65,6 +67,11 @@ impl Health {
 
     pub fn consumer_joined(&self, joined: bool) {
         self.with(|s| s.consumer_joined = joined);
+    }
+
+    /// Whether some broker is up (from librdkafka's statistics and errors).
+    pub fn kafka_reachable(&self, reachable: bool) {
+        self.with(|s| s.kafka_reachable = reachable);
     }
 
     pub fn writer_beat(&self, writer: usize) {
@@ -130,6 +137,9 @@ impl Health {
             }
             if !s.consumer_joined {
                 reasons.push("not yet a member of the consumer group".into());
+            }
+            if !s.kafka_reachable {
+                reasons.push("no Kafka broker reachable".into());
             }
             for (writer, connected) in s.writer_connected.iter().enumerate() {
                 if !connected {

@@ -36,9 +36,47 @@ pub const LANE_STOPPED: &str = "weir_lane_stopped";
 pub const KAFKA_ERRORS: &str = "weir_kafka_errors_total";
 pub const BISECT_COPIES: &str = "weir_bisect_copies_total";
 pub const BUILD_INFO: &str = "weir_build_info";
+pub const READY: &str = "weir_ready";
+
+/// Every metric weir exports (dashboards and alert rules are checked
+/// against this list).
+pub const ALL: &[&str] = &[
+    STAGE_DURATION,
+    END_TO_END,
+    ROWS_WRITTEN,
+    BYTES_WRITTEN,
+    BATCHES,
+    BATCH_ROWS,
+    DEAD_LETTERS,
+    EVENTS,
+    PARTITIONS_CREATED,
+    PARTITIONS_DROPPED,
+    RETRIES,
+    FENCED,
+    OFFSET_GAPS,
+    CONSUMER_LAG,
+    IN_FLIGHT_BYTES,
+    IN_FLIGHT_ROWS,
+    PAUSED_PARTITIONS,
+    ASSIGNED_PARTITIONS,
+    LANE_STOPPED,
+    KAFKA_ERRORS,
+    BISECT_COPIES,
+    BUILD_INFO,
+    READY,
+];
 
 /// Pipeline stages timed by [`STAGE_DURATION`].
 pub mod stage {
+    pub const ALL: &[&str] = &[
+        POLL,
+        DECODE,
+        BATCH_WAIT,
+        PARTITION_ENSURE,
+        COPY,
+        COMMIT,
+        KAFKA_COMMIT,
+    ];
     pub const POLL: &str = "poll";
     pub const DECODE: &str = "decode";
     pub const BATCH_WAIT: &str = "batch_wait";
@@ -180,6 +218,7 @@ fn describe() {
         "COPY attempts made while isolating bad rows"
     );
     describe_gauge!(BUILD_INFO, Unit::Count, "Build information (always 1)");
+    describe_gauge!(READY, Unit::Count, "1 when /readyz answers ready, else 0");
 }
 
 /// Records a stage duration.

@@ -205,10 +205,29 @@ pub async fn run(
     }
     drop(request_tx);
 
-    let http = match metrics {
-        Some(handle) => Some(crate::http::serve(config.http.listen, handle, health.clone()).await?),
-        None => None,
-    };
+    let http =
+        match metrics {
+            Some(handle) => {
+                // The exporter keeps histogram samples until upkeep folds them
+                // into buckets; without a scrape they would pile up.
+                let upkeep = handle.clone();
+                let readiness = health.clone();
+                let upkeep =
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            upkeep.run_upkeep();
+                            metrics::gauge!(crate::metrics::READY)
+                                .set(if readiness.readiness().ok { 1.0 } else { 0.0 });
+                        }
+                    });
+                Some((
+                    crate::http::serve(config.http.listen, handle, health.clone()).await?,
+                    upkeep,
+                ))
+            }
+            None => None,
+        };
 
     let maintenance = config.maintenance.enabled.then(|| {
         tokio::spawn(crate::maintenance::run_loop(
@@ -277,8 +296,9 @@ pub async fn run(
         Some(result) => result,
         None => consumer_done_rx.await,
     };
-    if let Some(http) = http {
+    if let Some((http, upkeep)) = http {
         http.abort();
+        upkeep.abort();
     }
     match consumer_result {
         Ok(Ok(())) => Ok(()),

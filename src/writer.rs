@@ -331,6 +331,8 @@ pub struct Flusher {
     copy_statements: HashMap<(String, usize), Statement>,
     /// Lanes fenced at an epoch: their batches up to that epoch are dropped.
     fenced: HashMap<(Arc<str>, i32), u64>,
+    /// End-to-end histograms by table index.
+    latency: HashMap<usize, (metrics::Histogram, metrics::Histogram)>,
 }
 
 impl Flusher {
@@ -361,6 +363,7 @@ impl Flusher {
             advance: None,
             copy_statements: HashMap::new(),
             fenced: HashMap::new(),
+            latency: HashMap::new(),
         }
     }
 
@@ -380,6 +383,7 @@ impl Flusher {
                 batch = input.recv() => batch,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
                     self.health.writer_beat(self.index);
+                    self.check_session().await;
                     continue;
                 }
             };
@@ -387,6 +391,25 @@ impl Flusher {
             self.handle(batch).await;
         }
         tracing::debug!(writer = self.index, "writer finished");
+    }
+
+    /// While idle: make sure the session still works, so readiness tells
+    /// the truth without traffic; reconnect when it does not.
+    async fn check_session(&mut self) {
+        let alive = match &self.client {
+            Some(client) if !client.is_closed() => {
+                tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1"))
+                    .await
+                    .is_ok_and(|result| result.is_ok())
+            }
+            _ => false,
+        };
+        if !alive {
+            self.health.writer_connected(self.index, false);
+            if let Err(err) = self.connect().await {
+                tracing::warn!(writer = self.index, error = %err, "PostgreSQL unreachable; will retry");
+            }
+        }
     }
 
     fn backoff(&self) -> ExponentialBackoff {
@@ -447,7 +470,7 @@ impl Flusher {
                         );
                     }
                     self.health.writer_stopped(self.index, None);
-                    self.report(&batch, written);
+                    self.report(written);
                     // Kafka's committed offset only ever follows a PostgreSQL
                     // commit, never precedes it.
                     let _ = self.requests.send(Request::Committed {
@@ -520,31 +543,38 @@ impl Flusher {
         }
     }
 
+    /// Cached end-to-end histograms of a table (from Kafka, from event time).
+    fn latency_histograms(&mut self, table: usize) -> &(metrics::Histogram, metrics::Histogram) {
+        let name = self.decoder.mappings.tables[table].name().to_string();
+        self.latency.entry(table).or_insert_with(|| {
+            (
+                histogram!(m::END_TO_END, "table" => name.clone(), "from" => "kafka"),
+                histogram!(m::END_TO_END, "table" => name, "from" => "event"),
+            )
+        })
+    }
+
     fn finish(&self, batch: &Batch) {
         self.in_flight.release(batch.charged_bytes);
         gauge!(m::IN_FLIGHT_ROWS).decrement(batch.rows as f64);
     }
 
-    fn report(&self, batch: &Batch, written: Written) {
-        let elapsed_kafka = batch
-            .messages
-            .iter()
-            .filter_map(|m| m.timestamp_ms)
-            .min()
-            .map(|ms| (now_micros() / 1000 - ms).max(0) as f64 / 1000.0);
+    fn report(&mut self, written: Written) {
         counter!(m::BATCHES, "outcome" => "committed").increment(1);
         histogram!(m::BATCH_ROWS).record(written.rows_total() as f64);
         for (table, rows, bytes) in &written.per_table {
             counter!(m::ROWS_WRITTEN, "table" => table.clone()).increment(*rows);
             counter!(m::BYTES_WRITTEN, "table" => table.clone()).increment(*bytes);
-            if let Some(seconds) = elapsed_kafka {
-                histogram!(m::END_TO_END, "table" => table.clone(), "from" => "kafka")
-                    .record(seconds);
-            }
         }
-        for (table, oldest_event) in &written.oldest_event_time {
-            let seconds = (now_micros() - oldest_event).max(0) as f64 / 1e6;
-            histogram!(m::END_TO_END, "table" => table.clone(), "from" => "event").record(seconds);
+        // End to end, per row, now that it is committed: from the Kafka
+        // append and from the event's own time.
+        let now = now_micros();
+        for (table, event_time, kafka_ms) in written.latencies {
+            let (from_kafka, from_event) = self.latency_histograms(table);
+            if let Some(ms) = kafka_ms {
+                from_kafka.record((now - ms * 1000).max(0) as f64 / 1e6);
+            }
+            from_event.record((now - event_time).max(0) as f64 / 1e6);
         }
         for letter in &written.dead_letters {
             counter!(
@@ -763,9 +793,9 @@ impl Flusher {
 
         let mut written = Written::default();
         let mut write_dead: Vec<DeadLetter> = Vec::new();
-        let copy_started = Instant::now();
         let mut bisect_copies = 0u64;
         for (part, statement) in parts.iter().zip(&statements) {
+            let copy_started = Instant::now();
             let segment = &batch.segments[part.segment];
             let table = mappings.tables[segment.table].name().to_string();
             let buf = &segment.buf;
@@ -812,9 +842,15 @@ impl Flusher {
                 .map(|&row| segment.row_range(row).len() as u64)
                 .sum();
             written.add(&table, rows_written.len() as u64, bytes);
-            if let Some(oldest) = rows_written.iter().map(|&row| segment.rows[row].time).min() {
-                written.event_time(&table, oldest);
-            }
+            written.latencies.extend(rows_written.iter().map(|&row| {
+                let meta = segment.rows[row];
+                (
+                    segment.table,
+                    meta.time,
+                    batch.messages[meta.message as usize].timestamp_ms,
+                )
+            }));
+            m::stage_time(m::stage::COPY, &table, copy_started.elapsed());
         }
         if careful {
             counter!(m::BISECT_COPIES).increment(bisect_copies);
@@ -824,7 +860,6 @@ impl Flusher {
                 "bad rows isolated"
             );
         }
-        m::stage_time(m::stage::COPY, m::ALL_TABLES, copy_started.elapsed());
 
         let letters: Vec<&DeadLetter> =
             batch.dead_letters.iter().chain(write_dead.iter()).collect();
@@ -872,7 +907,8 @@ impl Flusher {
 #[derive(Debug, Default)]
 struct Written {
     per_table: Vec<(String, u64, u64)>,
-    oldest_event_time: Vec<(String, i64)>,
+    /// Per row written: table index, event time (Unix us), Kafka timestamp (ms).
+    latencies: Vec<(usize, i64, Option<i64>)>,
     dead_letters: Vec<(String, &'static str, String)>,
 }
 
@@ -884,13 +920,6 @@ impl Written {
                 entry.2 += bytes;
             }
             None => self.per_table.push((table.to_string(), rows, bytes)),
-        }
-    }
-
-    fn event_time(&mut self, table: &str, time: i64) {
-        match self.oldest_event_time.iter_mut().find(|(t, _)| t == table) {
-            Some(entry) => entry.1 = entry.1.min(time),
-            None => self.oldest_event_time.push((table.to_string(), time)),
         }
     }
 

@@ -7,6 +7,10 @@
 #   deploy/local/stack.sh status   say what runs
 #   deploy/local/stack.sh down     stop both (data is kept; tansu's is in memory and goes)
 #   deploy/local/stack.sh destroy  stop both and delete the PostgreSQL data directory
+#   deploy/local/stack.sh postgres-up | postgres-stop | postgres-destroy
+#                                  the same for PostgreSQL alone (tests use this
+#                                  for a private cluster: set WEIR_STACK_DIR and
+#                                  WEIR_STACK_PG_PORT)
 #
 # `eval "$(deploy/local/stack.sh up)"` leaves the settings in the shell.
 #
@@ -233,8 +237,25 @@ destroy)
   rm -rf "$PG_DATA"
   log "removed $PG_DATA"
   ;;
+postgres-up)
+  ensure_postgres_installed
+  start_postgres
+  echo "export WEIR_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB'"
+  ;;
+postgres-stop)
+  if pg_bindir >/dev/null && pg_running; then
+    as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null
+    log "PostgreSQL stopped"
+  fi
+  ;;
+postgres-destroy)
+  if pg_bindir >/dev/null && pg_running; then
+    as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null
+  fi
+  rm -rf "$STACK_DIR"
+  ;;
 *)
-  echo "usage: $0 up|env|status|down|destroy" >&2
+  echo "usage: $0 up|env|status|down|destroy|postgres-up|postgres-stop|postgres-destroy" >&2
   exit 2
   ;;
 esac
