@@ -23,6 +23,8 @@ pub struct TableInfo {
     /// How the table is partitioned, for messages (`range`, `list`, `hash`,
     /// or `none`).
     pub partitioning: &'static str,
+    /// Column sets of the table's non-partial unique indexes.
+    pub unique_keys: Vec<Vec<String>>,
 }
 
 impl TableInfo {
@@ -133,6 +135,20 @@ pub async fn load_table(
             generated: !generated.is_empty(),
         });
     }
+    let unique_keys = client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL
+              GROUP BY i.indexrelid",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     Ok(TableInfo {
         oid,
         schema: row.get(1),
@@ -140,6 +156,7 @@ pub async fn load_table(
         columns,
         range_key,
         partitioning,
+        unique_keys,
     })
 }
 

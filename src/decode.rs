@@ -408,6 +408,7 @@ mod tests {
             ],
             range_key: Some("created_at".into()),
             partitioning: "range",
+            unique_keys: Vec::new(),
         };
         let mappings = crate::mapping::compile(&config.tables, vec![info]).unwrap();
         let table = ManagedTable::new(

@@ -49,6 +49,9 @@ pub struct TableMapping {
     /// Accepted event-time window, relative to now.
     pub max_age_micros: i64,
     pub max_future_micros: i64,
+    /// `ON CONFLICT (...)` columns when the table dedupes (the dedupe key
+    /// plus the time column), quoted and joined.
+    pub conflict_columns: Option<String>,
 }
 
 impl TableMapping {
@@ -112,6 +115,7 @@ pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings
             .max_age_days
             .or(config.retention_days)
             .unwrap_or(3650) as i64;
+        let conflict_columns = check_dedupe(&at, config, &info)?;
         for (source_index, source) in config.sources.iter().enumerate() {
             let at = format!("{at}.sources[{source_index}]");
             let compiled = compile_source(
@@ -137,10 +141,73 @@ pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings
             granularity: config.granularity,
             max_age_micros: max_age_days * 86_400_000_000,
             max_future_micros: config.max_future_skew_secs as i64 * 1_000_000,
+            conflict_columns,
             info,
         });
     }
     Ok(mappings)
+}
+
+/// A dedupe key needs a unique index on exactly (key columns + time column),
+/// which is what `ON CONFLICT` infers its arbiter from, and every source
+/// must fill the key.
+fn check_dedupe(
+    at: &str,
+    config: &TableConfig,
+    info: &TableInfo,
+) -> Result<Option<String>, ConfigError> {
+    if config.dedupe_key.is_empty() {
+        return Ok(None);
+    }
+    let field = format!("{at}.dedupe_key");
+    let mut wanted: Vec<String> = config.dedupe_key.clone();
+    if !wanted.contains(&config.time_column) {
+        wanted.push(config.time_column.clone());
+    }
+    for column in &wanted {
+        if info.column(column).is_none() {
+            return Err(ConfigError::new(
+                &field,
+                format!("table `{}` has no column `{column}`", config.name),
+            ));
+        }
+    }
+    let mut sorted = wanted.clone();
+    sorted.sort();
+    let indexed = info.unique_keys.iter().any(|key| {
+        let mut key = key.clone();
+        key.sort();
+        key == sorted
+    });
+    if !indexed {
+        return Err(ConfigError::new(
+            &field,
+            format!(
+                "needs a unique index on ({}) of `{}` (the time column is part of it: unique indexes of partitioned tables must include the partition key)",
+                wanted.join(", "),
+                config.name
+            ),
+        ));
+    }
+    for (index, source) in config.sources.iter().enumerate() {
+        for column in &config.dedupe_key {
+            if !source.columns.contains_key(column) {
+                return Err(ConfigError::new(
+                    format!("{at}.sources[{index}].columns"),
+                    format!(
+                        "dedupe key column `{column}` has no source: rows without it could not be deduplicated"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Some(
+        wanted
+            .iter()
+            .map(|c| crate::catalog::quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ))
 }
 
 fn check_partitioning(at: &str, config: &TableConfig, info: &TableInfo) -> Result<(), ConfigError> {
@@ -239,8 +306,14 @@ fn compile_source(
         .iter()
         .position(|c| c.name == table.time_column)
         .expect("config validation should have required a time column source");
-    // The time column routes the row: it can never be NULL.
+    // The time column routes the row: it can never be NULL. Dedupe key
+    // columns neither: NULLs never conflict, so such rows would not dedupe.
     columns[time_column].required = true;
+    for column in columns.iter_mut() {
+        if table.dedupe_key.contains(&column.name) {
+            column.required = true;
+        }
+    }
     let column_list = format!(
         "({})",
         columns
@@ -424,6 +497,7 @@ mod tests {
                 .collect(),
             range_key: Some("created_at".into()),
             partitioning: "range",
+            unique_keys: vec![vec!["id".into(), "created_at".into()]],
         }
     }
 
@@ -512,6 +586,28 @@ mod tests {
         plain.partitioning = "none";
         let err = compile(&config.tables, vec![plain]).unwrap_err();
         assert_eq!(err.field, "tables[0].name");
+    }
+
+    #[test]
+    fn a_dedupe_key_needs_a_matching_unique_index() {
+        let mut with_key = config(
+            "created_at = { item = \"/ts\" }\nid = { item = \"/id\" }",
+            "",
+        );
+        with_key.tables[0].dedupe_key = vec!["id".into()];
+        let mappings = compile(&with_key.tables, vec![standard()]).unwrap();
+        assert_eq!(
+            mappings.tables[0].conflict_columns.as_deref(),
+            Some("\"id\", \"created_at\"")
+        );
+        let mut without_index = standard();
+        without_index.unique_keys.clear();
+        let err = compile(&with_key.tables, vec![without_index]).unwrap_err();
+        assert_eq!(err.field, "tables[0].dedupe_key");
+        assert!(
+            err.message.contains("unique index on (id, created_at)"),
+            "{err}"
+        );
     }
 
     #[test]

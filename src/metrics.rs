@@ -35,6 +35,7 @@ pub const ASSIGNED_PARTITIONS: &str = "weir_assigned_partitions";
 pub const LANE_STOPPED: &str = "weir_lane_stopped";
 pub const KAFKA_ERRORS: &str = "weir_kafka_errors_total";
 pub const BISECT_COPIES: &str = "weir_bisect_copies_total";
+pub const DUPLICATES_SKIPPED: &str = "weir_duplicates_skipped_total";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const READY: &str = "weir_ready";
 
@@ -62,6 +63,7 @@ pub const ALL: &[&str] = &[
     LANE_STOPPED,
     KAFKA_ERRORS,
     BISECT_COPIES,
+    DUPLICATES_SKIPPED,
     BUILD_INFO,
     READY,
 ];

@@ -328,7 +328,8 @@ pub struct Flusher {
     pub health: Arc<Health>,
     client: Option<Client>,
     advance: Option<AdvanceStatements>,
-    copy_statements: HashMap<(String, usize), Statement>,
+    /// Prepared statements of this session, by SQL text.
+    copy_statements: HashMap<String, Statement>,
     /// Lanes fenced at an epoch: their batches up to that epoch are dropped.
     fenced: HashMap<(Arc<str>, i32), u64>,
     /// End-to-end histograms by table index.
@@ -707,14 +708,9 @@ impl Flusher {
         }
     }
 
-    async fn copy_statement(
-        &mut self,
-        leaf: &str,
-        columns: &str,
-        source: usize,
-    ) -> Result<Statement, Failure> {
-        let key = (leaf.to_string(), source);
-        if let Some(statement) = self.copy_statements.get(&key) {
+    /// A statement prepared once per session.
+    async fn prepared(&mut self, sql: String) -> Result<Statement, Failure> {
+        if let Some(statement) = self.copy_statements.get(&sql) {
             return Ok(statement.clone());
         }
         let client = self
@@ -722,11 +718,74 @@ impl Flusher {
             .as_ref()
             .expect("attempt connects before copying");
         let statement = client
-            .prepare(&format!("COPY {leaf} {columns} FROM STDIN (FORMAT binary)"))
+            .prepare(&sql)
             .await
             .map_err(|err| Failure::from_db(&err))?;
-        self.copy_statements.insert(key, statement.clone());
+        self.copy_statements.insert(sql, statement.clone());
         Ok(statement)
+    }
+
+    /// How rows of `source` reach `leaf`: straight COPY, or for a table with
+    /// a dedupe key, COPY into a session-local staging table then
+    /// `INSERT ... ON CONFLICT DO NOTHING` (rows whose key exists are skipped).
+    async fn sink(&mut self, leaf: &str, source: usize) -> Result<Sink, Failure> {
+        let mappings = self.decoder.mappings.clone();
+        let source = &mappings.sources[source];
+        let table = &mappings.tables[source.table];
+        let Some(conflict) = &table.conflict_columns else {
+            let copy = self
+                .prepared(format!(
+                    "COPY {leaf} {} FROM STDIN (FORMAT binary)",
+                    source.column_list
+                ))
+                .await?;
+            return Ok(Sink::Direct(copy));
+        };
+        let stage = format!("pg_temp.weir_stage_{}", table.index);
+        // Created outside any batch transaction (a rollback would take it
+        // away), once per session; prepared statements below reference it.
+        let create = format!(
+            "CREATE TEMP TABLE IF NOT EXISTS weir_stage_{} (LIKE {} INCLUDING DEFAULTS)",
+            table.index,
+            table.info.qualified()
+        );
+        if !self.copy_statements.contains_key(&create) {
+            let client = self
+                .client
+                .as_ref()
+                .expect("attempt connects before copying");
+            client
+                .batch_execute(&create)
+                .await
+                .map_err(|err| Failure::from_db(&err))?;
+            let marker = client
+                .prepare("SELECT 1")
+                .await
+                .map_err(|err| Failure::from_db(&err))?;
+            self.copy_statements.insert(create, marker);
+        }
+        let columns = source
+            .column_list
+            .trim_start_matches('(')
+            .trim_end_matches(')');
+        let copy = self
+            .prepared(format!(
+                "COPY {stage} {} FROM STDIN (FORMAT binary)",
+                source.column_list
+            ))
+            .await?;
+        let insert = self
+            .prepared(format!(
+                "INSERT INTO {leaf} {} SELECT {columns} FROM {stage} ON CONFLICT ({conflict}) DO NOTHING",
+                source.column_list
+            ))
+            .await?;
+        let clear = self.prepared(format!("TRUNCATE {stage}")).await?;
+        Ok(Sink::Staged {
+            copy,
+            insert,
+            clear,
+        })
     }
 
     /// The batch as one transaction. `careful`: each part is copied under a
@@ -744,15 +803,16 @@ impl Flusher {
         // with the client borrowed by it.
         let mut statements = Vec::with_capacity(parts.len());
         for part in parts {
-            let mappings = self.decoder.mappings.clone();
-            let source = &mappings.sources[batch.segments[part.segment].source];
             statements.push(
-                self.copy_statement(&part.leaf.qualified(), &source.column_list, source.index)
+                self.sink(&part.leaf.qualified(), batch.segments[part.segment].source)
                     .await?,
             );
         }
         let dead_statement = self
-            .copy_statement(&dead_letter_leaf.qualified(), COPY_COLUMNS, usize::MAX)
+            .prepared(format!(
+                "COPY {} {COPY_COLUMNS} FROM STDIN (FORMAT binary)",
+                dead_letter_leaf.qualified()
+            ))
             .await?;
         let advance = self
             .advance
@@ -799,6 +859,7 @@ impl Flusher {
             let segment = &batch.segments[part.segment];
             let table = mappings.tables[segment.table].name().to_string();
             let buf = &segment.buf;
+            let mut inserted = 0u64;
             let rows_written: Vec<usize> = if careful {
                 let mut bad = Vec::new();
                 isolate(
@@ -809,7 +870,10 @@ impl Flusher {
                     &part.rows,
                     false,
                     &mut bad,
-                    &mut bisect_copies,
+                    &mut Progress {
+                        copies: &mut bisect_copies,
+                        inserted: &mut inserted,
+                    },
                 )
                 .await?;
                 for (row, err) in &bad {
@@ -832,16 +896,21 @@ impl Flusher {
                     .filter(|row| !bad_rows.contains(row))
                     .collect()
             } else {
-                copy_rows(&transaction, statement, segment, buf, &part.rows)
+                inserted = write_rows(&transaction, statement, segment, buf, &part.rows)
                     .await
                     .map_err(|err| Failure::from_db(&err))?;
                 part.rows.clone()
             };
+            // Rows a dedupe key skipped (already in the table).
+            let skipped = rows_written.len() as u64 - inserted.min(rows_written.len() as u64);
+            if skipped > 0 {
+                counter!(m::DUPLICATES_SKIPPED, "table" => table.clone()).increment(skipped);
+            }
             let bytes: u64 = rows_written
                 .iter()
                 .map(|&row| segment.row_range(row).len() as u64)
                 .sum();
-            written.add(&table, rows_written.len() as u64, bytes);
+            written.add(&table, inserted, bytes);
             written.latencies.extend(rows_written.iter().map(|&row| {
                 let meta = segment.rows[row];
                 (
@@ -982,6 +1051,45 @@ async fn send_copy(
     sink.as_mut().finish().await
 }
 
+/// How rows get into a partition (see [`Flusher::sink`]).
+enum Sink {
+    Direct(Statement),
+    Staged {
+        copy: Statement,
+        insert: Statement,
+        clear: Statement,
+    },
+}
+
+/// Writes `rows` through `sink`; returns how many rows the table gained.
+async fn write_rows(
+    transaction: &Transaction<'_>,
+    sink: &Sink,
+    segment: &Sealed,
+    buf: &Bytes,
+    rows: &[usize],
+) -> Result<u64, tokio_postgres::Error> {
+    match sink {
+        Sink::Direct(copy) => copy_rows(transaction, copy, segment, buf, rows).await,
+        Sink::Staged {
+            copy,
+            insert,
+            clear,
+        } => {
+            copy_rows(transaction, copy, segment, buf, rows).await?;
+            let inserted = transaction.execute(insert, &[]).await?;
+            transaction.execute(clear, &[]).await?;
+            Ok(inserted)
+        }
+    }
+}
+
+/// Counters kept while isolating bad rows.
+struct Progress<'a> {
+    copies: &'a mut u64,
+    inserted: &'a mut u64,
+}
+
 /// Copies `rows` under a savepoint; on a row-level refusal, splits them and
 /// recurses until each bad row is alone and refused on its own. A row is
 /// only ever declared bad by its own failed COPY. `known_bad`: the caller
@@ -989,13 +1097,13 @@ async fn send_copy(
 #[allow(clippy::too_many_arguments)]
 async fn isolate(
     transaction: &Transaction<'_>,
-    statement: &Statement,
+    sink: &Sink,
     segment: &Sealed,
     buf: &Bytes,
     rows: &[usize],
     known_bad: bool,
     bad: &mut Vec<(usize, tokio_postgres::Error)>,
-    copies: &mut u64,
+    progress: &mut Progress<'_>,
 ) -> Result<(), Failure> {
     if rows.is_empty() {
         return Ok(());
@@ -1005,9 +1113,10 @@ async fn isolate(
             .batch_execute("SAVEPOINT weir_rows")
             .await
             .map_err(|err| Failure::from_db(&err))?;
-        *copies += 1;
-        match copy_rows(transaction, statement, segment, buf, rows).await {
-            Ok(_) => {
+        *progress.copies += 1;
+        match write_rows(transaction, sink, segment, buf, rows).await {
+            Ok(inserted) => {
+                *progress.inserted += inserted;
                 transaction
                     .batch_execute("RELEASE SAVEPOINT weir_rows")
                     .await
@@ -1031,13 +1140,13 @@ async fn isolate(
     let bad_before = bad.len();
     Box::pin(isolate(
         transaction,
-        statement,
+        sink,
         segment,
         buf,
         left,
         false,
         bad,
-        copies,
+        progress,
     ))
     .await?;
     // The whole set failed: if the left half was clean, the right half holds
@@ -1045,13 +1154,13 @@ async fn isolate(
     let left_clean = bad.len() == bad_before;
     Box::pin(isolate(
         transaction,
-        statement,
+        sink,
         segment,
         buf,
         right,
         left_clean,
         bad,
-        copies,
+        progress,
     ))
     .await
 }

@@ -269,3 +269,42 @@ async fn boundaries_route_by_utc_day_week_and_month() {
     assert!(logs[0].ends_with(&day_before), "{logs:?}");
     assert!(logs[1].ends_with(&day_after), "{logs:?}");
 }
+
+/// Meta redelivers webhooks it thinks failed: the same items under new
+/// offsets. wa_events and messages keep each item once (their dedupe key);
+/// webhook_logs keeps every delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_webhooks_are_written_once_and_logged_twice() {
+    let db = TestDb::new("dup").await;
+    let topics = Topics::new("dup");
+    topics.create(2).await;
+    let group = common::unique("g");
+    let config = common::config(&db.schema, &topics, &group, "");
+    db.migrate(&config).await;
+    let sent = common::generate(
+        Shape {
+            seed: 71,
+            duplicate_share: 0.3,
+            ..Shape::default()
+        },
+        2000,
+    );
+    let duplicates = sent.events.iter().filter(|e| e.duplicate).count();
+    assert!(duplicates > 300, "{duplicates} redeliveries");
+    let target = common::produce(&topics, &sent.events).await;
+    drain(&db, config, &group, target).await;
+    common::assert_exactly_once(&db, &sent).await;
+    let s = &db.schema;
+    let logs = db
+        .count(&format!("SELECT count(*) FROM \"{s}\".webhook_logs"))
+        .await as usize;
+    let deliveries = sent
+        .events
+        .iter()
+        .filter(|e| e.topic == common::webhooks::WEBHOOK_TOPIC)
+        .count();
+    assert_eq!(
+        logs, deliveries,
+        "every delivery is logged, redeliveries included"
+    );
+}

@@ -27,3 +27,8 @@ CREATE INDEX IF NOT EXISTS wa_events_from_created_idx
 -- Partial: failed deliveries per tenant, a small slice read by alerting dashboards.
 CREATE INDEX IF NOT EXISTS wa_events_failed_idx
     ON wa_events (company_id, created_at DESC) WHERE event_type = 'failed';
+-- Natural key: a message, or one status of a message. Lets weir skip the
+-- items Meta delivers twice (dedupe_key in config/weir.toml); unique indexes
+-- of a partitioned table must include the partition key.
+CREATE UNIQUE INDEX IF NOT EXISTS wa_events_event_uidx
+    ON wa_events (event_id, event_type, created_at);

@@ -30,3 +30,6 @@ CREATE INDEX IF NOT EXISTS messages_company_created_idx
 -- are found by conversation).
 CREATE INDEX IF NOT EXISTS messages_contact_inbound_idx
     ON messages (contact_wa_id, created_at DESC) WHERE direction = 'inbound';
+-- Natural key, for dedupe (see wa_events).
+CREATE UNIQUE INDEX IF NOT EXISTS messages_message_uidx
+    ON messages (message_id, created_at);

@@ -230,13 +230,22 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// Expected rows per table (duplicates deliveries counted once per delivery).
+    /// Expected rows of `table`: wa_events and messages dedupe on their
+    /// natural key (a redelivered webhook adds nothing), webhook_logs logs
+    /// every delivery.
     pub fn expected_rows(&self, table: &str) -> usize {
-        self.events
+        let rows = self
+            .events
             .iter()
             .flat_map(|e| e.rows.iter())
-            .filter(|r| r.table == table)
-            .count()
+            .filter(|r| r.table == table);
+        if table == "webhook_logs" {
+            rows.count()
+        } else {
+            rows.map(|r| &r.key)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        }
     }
 }
 
