@@ -27,7 +27,7 @@ pub const WEBHOOK_TOPIC: &str = "whatsapp.webhooks";
 pub const CHAT_TOPIC: &str = "chat.messages";
 
 /// Knobs of the traffic.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Shape {
     pub seed: u64,
     /// Number of tenants (companies).

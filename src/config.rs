@@ -216,8 +216,9 @@ pub struct PipelineConfig {
     /// ...or when its first message has waited this long.
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
-    /// Ceiling on event bytes held between Kafka and a PostgreSQL commit.
-    /// Above it the consumer pauses its partitions until writers catch up.
+    /// Ceiling on bytes held between Kafka and a PostgreSQL commit (events
+    /// and the rows encoded from them). Above it the consumer pauses its
+    /// partitions until writers catch up.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
     /// Capacity, in messages, of each writer's input queue.
@@ -520,7 +521,7 @@ fn default_batch_max_bytes() -> usize {
     16 << 20
 }
 fn default_batch_linger_ms() -> u64 {
-    200
+    50
 }
 fn default_max_in_flight_bytes() -> usize {
     64 << 20

@@ -86,7 +86,8 @@ pub enum Request {
     },
 }
 
-/// Event bytes taken from Kafka and not yet committed or dropped.
+/// Bytes taken from Kafka and not yet committed or dropped: the events,
+/// and the rows encoded from them.
 #[derive(Debug, Default)]
 pub struct InFlight {
     bytes: AtomicUsize,

@@ -91,7 +91,9 @@ impl Decoder {
             );
             return self.outcome(out, rows_before, dead_before, false);
         }
-        if std::str::from_utf8(&event.payload).is_err() {
+        // One SIMD UTF-8 check of the whole payload, then a parse that need
+        // not check each string again.
+        let Ok(text) = simdutf8::basic::from_utf8(&event.payload) else {
             dead(
                 out,
                 Stage::Decode,
@@ -99,8 +101,8 @@ impl Decoder {
                 "payload is not valid UTF-8".into(),
             );
             return self.outcome(out, rows_before, dead_before, false);
-        }
-        let root: Value = match serde_json::from_slice(&event.payload) {
+        };
+        let root: Value = match serde_json::from_str(text) {
             Ok(root) => root,
             Err(err) => {
                 let text = err.to_string();

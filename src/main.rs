@@ -11,6 +11,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use weir::config::{self, Config, LogFormat};
 
+// Decoding allocates many small, short-lived objects (JSON trees); mimalloc
+// serves them markedly cheaper than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// weir: Kafka events into time-partitioned PostgreSQL tables, exactly once.
 #[derive(Debug, Parser)]
 #[command(name = "weir", version, about)]

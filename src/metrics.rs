@@ -187,7 +187,7 @@ fn describe() {
     describe_gauge!(
         IN_FLIGHT_BYTES,
         Unit::Bytes,
-        "Event bytes taken from Kafka and not yet committed"
+        "Event bytes taken from Kafka, and rows encoded from them, not yet committed"
     );
     describe_gauge!(
         IN_FLIGHT_ROWS,

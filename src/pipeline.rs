@@ -36,21 +36,41 @@ use crate::writer::{Batcher, Flusher};
 /// Why weir could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("configuration: {0}")]
-    Config(#[from] ConfigError),
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
     #[error("{0}")]
-    Connect(#[from] ConnectError),
+    Connect(ConnectError),
     #[error("catalog: {0}")]
-    Catalog(#[from] CatalogError),
+    Catalog(CatalogError),
     #[error("postgres: {}", db::describe(.0))]
-    Db(#[from] tokio_postgres::Error),
+    Db(tokio_postgres::Error),
     #[error("partitions: {0}")]
-    Partition(#[from] PartitionError),
+    Partition(PartitionError),
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     #[error("{0}")]
     Other(String),
 }
+
+// Conversions without `#[source]`: each message already says everything,
+// and a source would print it a second time in error chains.
+macro_rules! start_error_from {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for StartError {
+            fn from(err: $ty) -> Self {
+                StartError::$variant(err)
+            }
+        }
+    )*};
+}
+start_error_from!(
+    Config(ConfigError),
+    Connect(ConnectError),
+    Catalog(CatalogError),
+    Db(tokio_postgres::Error),
+    Partition(PartitionError),
+    Kafka(rdkafka::error::KafkaError)
+);
 
 /// What start-up learns from the database.
 pub struct Prepared {
@@ -178,6 +198,8 @@ pub async fn run(
         // memory stays at two batches per writer.
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(1);
         lane_senders.push(lane_tx);
+        // Recycled COPY buffers: at most one batch's worth per writer.
+        let pool = crate::batch::BufferPool::new(config.pipeline.batch_max_bytes);
         batchers.push(tokio::spawn(
             Batcher {
                 decoder: decoder.clone(),
@@ -187,10 +209,11 @@ pub async fn run(
                 max_rows: config.pipeline.batch_max_rows,
                 max_bytes: config.pipeline.batch_max_bytes,
                 linger: Duration::from_millis(config.pipeline.batch_linger_ms),
+                pool: pool.clone(),
             }
             .run(),
         ));
-        let flusher = Flusher::new(
+        let mut flusher = Flusher::new(
             index,
             config.clone(),
             url.clone(),
@@ -201,6 +224,7 @@ pub async fn run(
             in_flight.clone(),
             health.clone(),
         );
+        flusher.pool = pool;
         flushers.push(tokio::spawn(flusher.run(batch_rx)));
     }
     drop(request_tx);

@@ -31,7 +31,7 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc::{Receiver, Sender};
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::batch::{Batch, DeadLetter, Event, Gathered, Sealed, Stage, copy_chunks};
+use crate::batch::{Batch, BufferPool, DeadLetter, Event, Gathered, Sealed, Stage, copy_chunks};
 use crate::config::Config;
 use crate::consumer::{InFlight, LaneEvent, Request};
 use crate::db::{self, ErrorClass};
@@ -62,6 +62,7 @@ struct Lane {
     /// Offset of the next message expected (last taken + 1).
     position: Option<i64>,
     gathered: Gathered,
+    pool: BufferPool,
     messages: Vec<Event>,
     charged: usize,
     oldest: Option<Instant>,
@@ -69,14 +70,21 @@ struct Lane {
 }
 
 impl Lane {
-    fn new(topic: Arc<str>, partition: i32, epoch: u64, stored: Option<i64>) -> Self {
+    fn new(
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        stored: Option<i64>,
+        pool: BufferPool,
+    ) -> Self {
         Lane {
             topic,
             partition,
             epoch,
             prev: stored,
             position: stored,
-            gathered: Gathered::default(),
+            gathered: Gathered::with_pool(pool.clone()),
+            pool,
             messages: Vec::new(),
             charged: 0,
             oldest: None,
@@ -94,7 +102,8 @@ impl Lane {
         let next = self
             .position
             .expect("a lane holding messages should have a position");
-        let gathered = std::mem::take(&mut self.gathered);
+        let gathered =
+            std::mem::replace(&mut self.gathered, Gathered::with_pool(self.pool.clone()));
         let started = self.oldest.take().unwrap_or_else(Instant::now);
         m::stage_time(
             m::stage::DECODE,
@@ -134,6 +143,8 @@ pub struct Batcher {
     pub max_rows: usize,
     pub max_bytes: usize,
     pub linger: Duration,
+    /// Shared with this writer's flusher, which gives buffers back.
+    pub pool: BufferPool,
 }
 
 impl Batcher {
@@ -177,7 +188,8 @@ impl Batcher {
                     epoch,
                     stored,
                 } => {
-                    let lane = Lane::new(topic.clone(), partition, epoch, stored);
+                    let lane =
+                        Lane::new(topic.clone(), partition, epoch, stored, self.pool.clone());
                     if let Some(old) = lanes.insert((topic, partition), lane) {
                         // Whatever the old assignment held is read again.
                         self.in_flight.release(old.charged);
@@ -222,14 +234,31 @@ impl Batcher {
                             );
                         }
                     }
+                    // Cut before an event that would likely carry the batch
+                    // past `max_bytes` (its rows are about its size): a
+                    // segment buffer then stays within the ceiling instead
+                    // of doubling past it for the last few rows.
+                    if lane.gathered.rows > 0
+                        && lane.gathered.bytes() + event.payload.len() > self.max_bytes
+                        && let Some(batch) = lane.cut()
+                    {
+                        self.send(batch).await;
+                    }
                     lane.position = Some(event.offset + 1);
                     let started = Instant::now();
                     let message = lane.messages.len() as u32;
+                    let encoded_before = lane.gathered.bytes();
                     self.decoder
                         .decode(&event, message, now_micros(), &mut lane.gathered);
                     lane.decode_time += started.elapsed();
+                    // The encoded rows are held until the commit too: they
+                    // count against the same in-flight ceiling, and are
+                    // released with the event bytes (through `lane.charged`
+                    // and then the batch's `charged_bytes`).
+                    let encoded = lane.gathered.bytes().saturating_sub(encoded_before);
+                    self.in_flight.charge(encoded);
                     lane.messages.push(event);
-                    lane.charged += charged;
+                    lane.charged += charged + encoded;
                     lane.oldest.get_or_insert(started);
                     if (lane.gathered.rows >= self.max_rows
                         || lane.gathered.bytes() >= self.max_bytes)
@@ -334,6 +363,8 @@ pub struct Flusher {
     fenced: HashMap<(Arc<str>, i32), u64>,
     /// End-to-end histograms by table index.
     latency: HashMap<usize, (metrics::Histogram, metrics::Histogram)>,
+    /// Where written segment buffers go back to.
+    pub pool: BufferPool,
 }
 
 impl Flusher {
@@ -365,6 +396,7 @@ impl Flusher {
             copy_statements: HashMap::new(),
             fenced: HashMap::new(),
             latency: HashMap::new(),
+            pool: BufferPool::default(),
         }
     }
 
@@ -389,7 +421,10 @@ impl Flusher {
                 }
             };
             let Some(batch) = batch else { break };
-            self.handle(batch).await;
+            self.handle(&batch).await;
+            for segment in batch.segments {
+                self.pool.give(segment.buf);
+            }
         }
         tracing::debug!(writer = self.index, "writer finished");
     }
@@ -447,14 +482,14 @@ impl Flusher {
 
     /// Writes one batch, retrying transient failures for as long as it
     /// takes (in order: nothing after it is written meanwhile).
-    async fn handle(&mut self, batch: Batch) {
+    async fn handle(&mut self, batch: &Batch) {
         let key = (batch.topic.clone(), batch.partition);
         if self
             .fenced
             .get(&key)
             .is_some_and(|&epoch| batch.epoch <= epoch)
         {
-            self.finish(&batch);
+            self.finish(batch);
             counter!(m::BATCHES, "outcome" => "dropped_after_fence").increment(1);
             return;
         }
@@ -462,7 +497,7 @@ impl Flusher {
         let mut schema_reported = false;
         loop {
             self.health.writer_beat(self.index);
-            match self.attempt(&batch).await {
+            match self.attempt(batch).await {
                 Ok(written) => {
                     if schema_reported {
                         tracing::info!(
@@ -480,7 +515,7 @@ impl Flusher {
                         epoch: batch.epoch,
                         next: batch.next,
                     });
-                    self.finish(&batch);
+                    self.finish(batch);
                     return;
                 }
                 Err(Failure::Fenced) => {
@@ -497,7 +532,7 @@ impl Flusher {
                         partition: batch.partition,
                         epoch: batch.epoch,
                     });
-                    self.finish(&batch);
+                    self.finish(batch);
                     return;
                 }
                 Err(Failure::Transient { cause, detail }) => {
@@ -563,9 +598,12 @@ impl Flusher {
     fn report(&mut self, written: Written) {
         counter!(m::BATCHES, "outcome" => "committed").increment(1);
         histogram!(m::BATCH_ROWS).record(written.rows_total() as f64);
-        for (table, rows, bytes) in &written.per_table {
+        for (table, rows, bytes, skipped) in &written.per_table {
             counter!(m::ROWS_WRITTEN, "table" => table.clone()).increment(*rows);
             counter!(m::BYTES_WRITTEN, "table" => table.clone()).increment(*bytes);
+            if *skipped > 0 {
+                counter!(m::DUPLICATES_SKIPPED, "table" => table.clone()).increment(*skipped);
+            }
         }
         // End to end, per row, now that it is committed: from the Kafka
         // append and from the event's own time.
@@ -901,16 +939,14 @@ impl Flusher {
                     .map_err(|err| Failure::from_db(&err))?;
                 part.rows.clone()
             };
-            // Rows a dedupe key skipped (already in the table).
+            // Rows a dedupe key skipped (already in the table); counted
+            // only once the transaction commits, like every other figure.
             let skipped = rows_written.len() as u64 - inserted.min(rows_written.len() as u64);
-            if skipped > 0 {
-                counter!(m::DUPLICATES_SKIPPED, "table" => table.clone()).increment(skipped);
-            }
             let bytes: u64 = rows_written
                 .iter()
                 .map(|&row| segment.row_range(row).len() as u64)
                 .sum();
-            written.add(&table, inserted, bytes);
+            written.add(&table, inserted, bytes, skipped);
             written.latencies.extend(rows_written.iter().map(|&row| {
                 let meta = segment.rows[row];
                 (
@@ -975,25 +1011,29 @@ impl Flusher {
 /// What a committed batch wrote, for metrics.
 #[derive(Debug, Default)]
 struct Written {
-    per_table: Vec<(String, u64, u64)>,
+    /// Per table: rows inserted, COPY bytes, rows skipped as duplicates.
+    per_table: Vec<(String, u64, u64, u64)>,
     /// Per row written: table index, event time (Unix us), Kafka timestamp (ms).
     latencies: Vec<(usize, i64, Option<i64>)>,
     dead_letters: Vec<(String, &'static str, String)>,
 }
 
 impl Written {
-    fn add(&mut self, table: &str, rows: u64, bytes: u64) {
-        match self.per_table.iter_mut().find(|(t, _, _)| t == table) {
+    fn add(&mut self, table: &str, rows: u64, bytes: u64, skipped: u64) {
+        match self.per_table.iter_mut().find(|(t, ..)| t == table) {
             Some(entry) => {
                 entry.1 += rows;
                 entry.2 += bytes;
+                entry.3 += skipped;
             }
-            None => self.per_table.push((table.to_string(), rows, bytes)),
+            None => self
+                .per_table
+                .push((table.to_string(), rows, bytes, skipped)),
         }
     }
 
     fn rows_total(&self) -> u64 {
-        self.per_table.iter().map(|(_, rows, _)| rows).sum()
+        self.per_table.iter().map(|(_, rows, ..)| rows).sum()
     }
 }
 

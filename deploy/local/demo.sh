@@ -38,7 +38,7 @@ say "weir check"
 before=$("${PSQL[@]}" -At -c "SELECT COALESCE(sum(next_offset), 0) FROM weir_offsets WHERE consumer_group = 'weir'")
 
 say "sending $EVENTS events to Kafka"
-"$LOADTEST" produce --count "$EVENTS" --seed "$RANDOM" --spread-days 60
+"$LOADTEST" produce --count "$EVENTS" --seed "$(date +%s%N)" --spread-days 60
 
 say "weir run"
 LOG=$(mktemp -t weir-demo.XXXXXX.log)

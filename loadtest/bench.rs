@@ -1,0 +1,934 @@
+//! `bench`: weir against the physical limit, in one run on the local stack.
+//!
+//! 1. The limit: the exact rows weir would write (encoded by weir's own
+//!    decoder) are written to binary COPY files, and PostgreSQL loads them
+//!    itself (`COPY ... FROM '<file>'`, server side: no client in the way),
+//!    with 1 and with 2 sessions.
+//! 2. weir, with 1 and with 2 writers, draining a preloaded topic of the same
+//!    events: rows/s, ratio to the limit, CPU per row of weir and of
+//!    PostgreSQL, weir's peak RSS.
+//! 3. Latency: live traffic at half of weir's best rate, p99 end to end.
+//!
+//! The table is the seeds' `wa_events` with the shipped schema; weir writes
+//! it through the direct COPY path (no dedupe key), as the limit does.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use tokio_postgres::Client;
+
+use crate::produce::{ProduceArgs, produce};
+use crate::webhooks::{Generator, Shape};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// wa_events rows to load (about 1.6 per webhook body).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub items: u64,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Seconds of live traffic for the latency measurement.
+    #[arg(long, default_value_t = 60)]
+    pub latency_secs: u64,
+    /// Where the results are recorded (appended as a new section).
+    #[arg(long, default_value = "loadtest/RESULTS.md")]
+    pub results: PathBuf,
+    /// The weir binary measured.
+    #[arg(long, default_value = "target/release/weir")]
+    pub weir: PathBuf,
+    /// Scratch directory (COPY files, configs, logs); PostgreSQL must be able to read it.
+    #[arg(long, default_value = "/tmp/weir-bench")]
+    pub work_dir: PathBuf,
+    /// Only measure weir's decode and encode speed (no Kafka, no load).
+    #[arg(long)]
+    pub decode_only: bool,
+    /// Records per Kafka batch when preloading (the local stack sets 1).
+    #[arg(long, env = "WEIR_LOADTEST_BATCH_MESSAGES", default_value_t = 10_000)]
+    pub batch_messages: u32,
+}
+
+const SEED: u64 = 4242;
+
+fn shape() -> Shape {
+    Shape {
+        seed: SEED,
+        chat_share: 0.0,
+        malformed_share: 0.0,
+        duplicate_share: 0.0,
+        late_share: 0.0,
+        spread_secs: 20 * 86_400,
+        ..Shape::default()
+    }
+}
+
+/// Events (webhook bodies) needed for `items` wa_events rows.
+fn events_for(items: u64, now_secs: i64) -> (u64, u64) {
+    let mut generator = Generator::new(Shape {
+        now_secs,
+        ..shape()
+    });
+    let (mut events, mut rows) = (0u64, 0u64);
+    while rows < items {
+        let event = generator.next_event();
+        rows += event.rows.iter().filter(|r| r.table == "wa_events").count() as u64;
+        events += 1;
+    }
+    (events, rows)
+}
+
+/// CPU seconds used so far by a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Processes named `name` (by /proc/*/comm).
+fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == name)
+        })
+        .collect()
+}
+
+/// CPU seconds of every PostgreSQL process (backends, walwriter, checkpointer...).
+fn postgres_cpu() -> HashMap<u32, f64> {
+    pids_named("postgres")
+        .into_iter()
+        .map(|pid| (pid, cpu_seconds(pid)))
+        .collect()
+}
+
+fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One measured load.
+#[derive(Debug, Clone, Default)]
+struct Measure {
+    rows: u64,
+    seconds: f64,
+    postgres_cpu: f64,
+    weir_cpu: f64,
+    broker_cpu: f64,
+    peak_rss_mib: f64,
+}
+
+impl Measure {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.seconds
+    }
+    fn per_row_us(cpu: f64, rows: u64) -> f64 {
+        cpu / rows as f64 * 1e6
+    }
+}
+
+struct Bench {
+    url: String,
+    brokers: String,
+    schema: String,
+    prefix: String,
+    config_text: String,
+    config: weir::config::Config,
+    args: BenchArgs,
+}
+
+pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let url = std::env::var("WEIR_DATABASE_URL")
+        .context("set WEIR_DATABASE_URL (deploy/local/stack.sh up prints it)")?;
+    anyhow::ensure!(
+        args.weir.exists(),
+        "{} not found: cargo build --release --bins",
+        args.weir.display()
+    );
+    let id = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let schema = format!("bench_{id}");
+    let prefix = format!("bench{id}");
+    std::fs::create_dir_all(&args.work_dir)?;
+    set_mode(&args.work_dir, 0o755)?;
+    let (config_text, config) = bench_config(&url, brokers, &schema, &prefix)?;
+    let bench = Bench {
+        url: url.clone(),
+        brokers: brokers.to_string(),
+        schema,
+        prefix,
+        config_text,
+        config,
+        args: args.clone(),
+    };
+    let client = crate::connect(&url).await?;
+    client
+        .batch_execute(&format!("CREATE SCHEMA \"{}\"", bench.schema))
+        .await?;
+    let mut admin = weir::db::connect(&url, &bench.config.postgres, "bench").await?;
+    weir::schema::migrate(&mut admin, &bench.config, false)
+        .await
+        .context("migrate the bench schema")?;
+
+    let now_secs = chrono::Utc::now().timestamp();
+    let (events, items) = events_for(args.items, now_secs);
+    println!(
+        "bench {id}: {events} webhook bodies carrying {items} wa_events rows (schema {}, topics {}.*)",
+        bench.schema, bench.prefix
+    );
+
+    // 1. The limit.
+    let files = bench.copy_files(&mut admin, events, now_secs).await?;
+    if args.decode_only {
+        return bench.clean_up(&client).await;
+    }
+    let mut limit = Vec::new();
+    for streams in [1usize, 2] {
+        let measure = bench.server_copy(&client, &files, streams).await?;
+        println!(
+            "limit, {streams} stream(s): {:.0} rows/s, PostgreSQL {:.1} us CPU/row",
+            measure.rate(),
+            Measure::per_row_us(measure.postgres_cpu, measure.rows)
+        );
+        limit.push(measure);
+    }
+
+    // 2. weir draining a preloaded topic.
+    let run_dir = args.work_dir.join(format!("run-{id}"));
+    println!("preloading {events} events into Kafka...");
+    let preload = ProduceArgs {
+        count: events,
+        rate: 0,
+        duration_secs: None,
+        seed: SEED,
+        companies: shape().companies,
+        zipf: shape().zipf_exponent,
+        spread_days: shape().spread_secs as f64 / 86_400.0,
+        late: 0.0,
+        malformed: 0.0,
+        duplicates: 0.0,
+        chat_share: 0.0,
+        partitions: args.partitions,
+        topic_prefix: Some(bench.prefix.clone()),
+        batch_messages: args.batch_messages,
+        out: run_dir.clone(),
+        quiet: true,
+    };
+    let brokers_owned = brokers.to_string();
+    let preloaded =
+        tokio::task::spawn_blocking(move || produce(&brokers_owned, &preload)).await??;
+    println!("preloaded at {:.0} events/s", preloaded.achieved_rate);
+    let mut drained = Vec::new();
+    for writers in [1usize, 2] {
+        let measure = bench.drain(&client, writers, events, items).await?;
+        println!(
+            "weir, {writers} writer(s): {:.0} rows/s ({:.2} of the limit), weir {:.1} us CPU/row, PostgreSQL {:.1} us CPU/row, peak RSS {:.0} MiB",
+            measure.rate(),
+            measure.rate() / limit[writers - 1].rate(),
+            Measure::per_row_us(measure.weir_cpu, measure.rows),
+            Measure::per_row_us(measure.postgres_cpu, measure.rows),
+            measure.peak_rss_mib
+        );
+        drained.push(measure);
+    }
+
+    // 3. Latency at half of the best rate.
+    let best = drained.iter().map(Measure::rate).fold(0.0, f64::max);
+    let rows_per_event = items as f64 / events as f64;
+    let latency = bench.latency(&client, best / 2.0 / rows_per_event).await?;
+    println!(
+        "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows)",
+        latency.offered_events,
+        latency.offered_events * rows_per_event,
+        latency.achieved_rows,
+        latency.metric_p50 * 1000.0,
+        latency.metric_p99 * 1000.0,
+        latency.row_p99 * 1000.0
+    );
+
+    let section = results_section(&bench, &id, events, items, &limit, &drained, &latency)?;
+    append_results(&args.results, &section)?;
+    println!("results appended to {}", args.results.display());
+    bench.clean_up(&client).await
+}
+
+/// The shipped config reduced to wa_events on the direct COPY path, pointed
+/// at the bench schema and topics.
+fn bench_config(
+    url: &str,
+    brokers: &str,
+    schema: &str,
+    prefix: &str,
+) -> anyhow::Result<(String, weir::config::Config)> {
+    let shipped =
+        std::fs::read_to_string("config/weir.toml").context("run from the repository root")?;
+    let mut table: toml::Table = toml::from_str(&shipped)?;
+    let tables = table["tables"].as_array_mut().context("tables")?;
+    tables.retain(|t| t["name"].as_str() == Some("wa_events"));
+    for entry in tables.iter_mut() {
+        let entry = entry.as_table_mut().context("table")?;
+        entry.remove("dedupe_key");
+        for source in entry["sources"].as_array_mut().context("sources")? {
+            let topics: Vec<toml::Value> = source["topics"]
+                .as_array()
+                .context("topics")?
+                .iter()
+                .map(|t| {
+                    toml::Value::String(format!("{prefix}.{}", t.as_str().unwrap_or_default()))
+                })
+                .collect();
+            source["topics"] = toml::Value::Array(topics);
+        }
+    }
+    table["postgres"]
+        .as_table_mut()
+        .context("postgres")?
+        .insert("schema".into(), schema.into());
+    let kafka = table["kafka"].as_table_mut().context("kafka")?;
+    kafka.insert("brokers".into(), brokers.into());
+    let text = toml::to_string(&table)?;
+    let mut env = weir::config::process_env();
+    env.retain(|(k, _)| k.starts_with("WEIR_KAFKA__PROPERTIES__"));
+    env.push(("WEIR_DATABASE_URL".into(), url.into()));
+    let config = weir::config::Config::from_toml(&text, &env)?;
+    Ok((text, config))
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// One COPY file: a leaf partition, its column list, rows in it.
+struct CopyFile {
+    path: PathBuf,
+    leaf: String,
+    columns: String,
+    rows: u64,
+}
+
+impl Bench {
+    /// Encodes the events exactly as weir would and writes binary COPY files
+    /// of about 50,000 rows each, creating the partitions they need.
+    async fn copy_files(
+        &self,
+        admin: &mut Client,
+        events: u64,
+        now_secs: i64,
+    ) -> anyhow::Result<Vec<CopyFile>> {
+        let prepared = weir::pipeline::prepare(&self.config, admin).await?;
+        let decoder = weir::decode::Decoder {
+            mappings: prepared.mappings.clone(),
+            tables: prepared.tables.clone(),
+            max_event_bytes: self.config.pipeline.max_event_bytes,
+            oversize_bytes: self.config.dead_letters.max_payload_bytes,
+            empty_events: self.config.pipeline.empty_events,
+        };
+        let topic: Arc<str> = Arc::from(format!("{}.whatsapp.webhooks", self.prefix).as_str());
+        let mut generator = Generator::new(Shape {
+            now_secs,
+            ..shape()
+        });
+        let now = now_secs * 1_000_000;
+        let inputs: Vec<weir::batch::Event> = (0..events)
+            .map(|offset| {
+                let produced = generator.next_event();
+                weir::batch::Event {
+                    topic: topic.clone(),
+                    partition: 0,
+                    offset: offset as i64,
+                    timestamp_ms: Some(now / 1000),
+                    key: Some(Bytes::from(produced.key.clone())),
+                    headers: produced
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), Some(Bytes::copy_from_slice(v.as_bytes()))))
+                        .collect(),
+                    payload: Bytes::from(produced.payload),
+                }
+            })
+            .collect();
+        // Decoded batch by batch, as a writer does (12,000 bodies make about
+        // the 20,000 rows of a default batch).
+        let started = Instant::now();
+        let batches: Vec<weir::batch::Gathered> = inputs
+            .chunks(12_000)
+            .map(|chunk| {
+                let mut gathered = weir::batch::Gathered::default();
+                for (message, event) in chunk.iter().enumerate() {
+                    decoder.decode(event, message as u32, now, &mut gathered);
+                }
+                gathered
+            })
+            .collect();
+        let decode_time = started.elapsed();
+        let rows: usize = batches.iter().map(|b| b.rows).sum();
+        anyhow::ensure!(
+            batches.iter().all(|b| b.dead_letters.is_empty()),
+            "the benchmark traffic produced dead letters"
+        );
+        println!(
+            "decode + encode in weir, one thread: {:.2} us per row ({rows} rows from {events} bodies)",
+            decode_time.as_secs_f64() * 1e6 / rows.max(1) as f64
+        );
+        let dir = self.args.work_dir.join(format!("copy-{}", self.schema));
+        std::fs::create_dir_all(&dir)?;
+        set_mode(&dir, 0o755)?;
+        let lock_timeout = Duration::from_secs(5);
+        let mut files = Vec::new();
+        for segment in batches.into_iter().flat_map(|b| b.segments) {
+            let table = &prepared.tables[segment.table];
+            let leaf = match table.snapshot().exact(segment.lo, segment.hi) {
+                Some(leaf) => leaf.clone(),
+                None => {
+                    table
+                        .ensure(admin, segment.lo, segment.hi, lock_timeout)
+                        .await?
+                        .0
+                }
+            };
+            let columns = prepared.mappings.sources[segment.source]
+                .column_list
+                .clone();
+            let sealed = segment.seal();
+            for (chunk, rows) in (0..sealed.rows.len())
+                .collect::<Vec<_>>()
+                .chunks(50_000)
+                .enumerate()
+            {
+                let path = dir.join(format!("{}-{}-{chunk}.bin", leaf.name, files.len()));
+                let mut data = Vec::with_capacity(sealed.buf.len() / 4);
+                data.extend_from_slice(weir::encode::COPY_HEADER);
+                let start = sealed.row_range(rows[0]).start;
+                let end = sealed.row_range(*rows.last().expect("non-empty chunk")).end;
+                data.extend_from_slice(&sealed.buf[start..end]);
+                data.extend_from_slice(weir::encode::COPY_TRAILER);
+                std::fs::write(&path, &data)?;
+                set_mode(&path, 0o644)?;
+                files.push(CopyFile {
+                    path,
+                    leaf: leaf.qualified(),
+                    columns: columns.clone(),
+                    rows: rows.len() as u64,
+                });
+            }
+        }
+        Ok(files)
+    }
+
+    /// Drops the bench schema and the COPY files: repeated runs do not fill
+    /// the disk.
+    async fn clean_up(&self, client: &Client) -> anyhow::Result<()> {
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
+            .await?;
+        let _ = std::fs::remove_dir_all(self.args.work_dir.join(format!("copy-{}", self.schema)));
+        Ok(())
+    }
+
+    async fn reset(&self, client: &Client) -> anyhow::Result<()> {
+        client
+            .batch_execute(&format!(
+                "TRUNCATE \"{s}\".wa_events; DELETE FROM \"{s}\".weir_offsets; CHECKPOINT;",
+                s = self.schema
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// PostgreSQL loads the files itself, over `streams` sessions.
+    async fn server_copy(
+        &self,
+        client: &Client,
+        files: &[CopyFile],
+        streams: usize,
+    ) -> anyhow::Result<Measure> {
+        self.reset(client).await?;
+        let mut sessions = Vec::new();
+        for _ in 0..streams {
+            sessions.push(crate::connect(&self.url).await?);
+        }
+        let cpu_before = postgres_cpu();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (index, session) in sessions.into_iter().enumerate() {
+            let mine: Vec<(String, u64)> = files
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % streams == index)
+                .map(|(_, f)| {
+                    (
+                        format!(
+                            "COPY {} {} FROM '{}' (FORMAT binary)",
+                            f.leaf,
+                            f.columns,
+                            f.path.display()
+                        ),
+                        f.rows,
+                    )
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut rows = 0;
+                for (sql, expected) in mine {
+                    let copied = session.execute(sql.as_str(), &[]).await?;
+                    anyhow::ensure!(
+                        copied == expected,
+                        "COPY loaded {copied} rows, expected {expected}"
+                    );
+                    rows += copied;
+                }
+                // The session goes back to the caller: its backend must
+                // still be alive when its CPU time is read.
+                Ok::<_, anyhow::Error>((rows, session))
+            }));
+        }
+        let mut rows = 0;
+        let mut open = Vec::new();
+        for task in tasks {
+            let (copied, session) = task.await??;
+            rows += copied;
+            open.push(session);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let postgres_cpu = cpu_delta(&cpu_before, &postgres_cpu());
+        drop(open);
+        Ok(Measure {
+            rows,
+            seconds,
+            postgres_cpu,
+            ..Default::default()
+        })
+    }
+
+    fn spawn_weir(
+        &self,
+        writers: usize,
+        group: &str,
+        http: u16,
+        name: &str,
+    ) -> anyhow::Result<Child> {
+        let dir = &self.args.work_dir;
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, &self.config_text)?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        Command::new(&self.args.weir)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("WEIR_DATABASE_URL", &self.url)
+            .env("WEIR_KAFKA__BROKERS", &self.brokers)
+            .env("WEIR_KAFKA__GROUP_ID", group)
+            .env("WEIR_POSTGRES__WRITERS", writers.to_string())
+            .env("WEIR_HTTP__LISTEN", format!("127.0.0.1:{http}"))
+            .env("WEIR_MAINTENANCE__ENABLED", "false")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.args.weir.display()))
+    }
+
+    async fn wait_ready(http: u16) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if crate::report::fetch(&format!("http://127.0.0.1:{http}/readyz"))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("weir did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stored(&self, client: &Client, group: &str) -> anyhow::Result<i64> {
+        Ok(client
+            .query_one(
+                &format!(
+                    "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets WHERE consumer_group = $1",
+                    self.schema
+                ),
+                &[&group],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// weir with `writers` writers drains the preloaded topic.
+    async fn drain(
+        &self,
+        client: &Client,
+        writers: usize,
+        events: u64,
+        items: u64,
+    ) -> anyhow::Result<Measure> {
+        self.reset(client).await?;
+        let group = format!("{}-drain-{writers}", self.prefix);
+        let http = free_port()?;
+        let mut child = self.spawn_weir(writers, &group, http, &format!("drain-{writers}"))?;
+        let pid = child.id();
+        let brokers = pids_named("tansu");
+        Self::wait_ready(http).await?;
+        let count_sql = format!("SELECT count(*) FROM \"{}\".wa_events", self.schema);
+        // Rows weir may already have written between readiness and now are
+        // left out of the rate.
+        let already = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0) as u64;
+        let (weir_before, broker_before, cpu_before) = (
+            cpu_seconds(pid),
+            brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+            postgres_cpu(),
+        );
+        let started = Instant::now();
+        loop {
+            if self.stored(client, &group).await? >= events as i64 {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("weir exited during the benchmark: {status}");
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("weir did not drain the topic within an hour");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let measure = Measure {
+            rows: items - already,
+            seconds,
+            postgres_cpu: cpu_delta(&cpu_before, &postgres_cpu()),
+            weir_cpu: cpu_seconds(pid) - weir_before,
+            broker_cpu: brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            peak_rss_mib: peak_rss_mib(pid),
+        };
+        let written = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0);
+        terminate(&mut child)?;
+        anyhow::ensure!(
+            written as u64 == items,
+            "weir wrote {written} rows, expected {items}"
+        );
+        Ok(measure)
+    }
+
+    /// Live traffic at `events_per_second` for `latency_secs`, weir with 2 writers.
+    async fn latency(&self, client: &Client, events_per_second: f64) -> anyhow::Result<Latency> {
+        self.reset(client).await?;
+        let prefix = format!("{}live", self.prefix);
+        let group = format!("{prefix}-group");
+        let http = free_port()?;
+        // Same config, the live topics.
+        let live = Bench {
+            config_text: self
+                .config_text
+                .replace(&format!("{}.", self.prefix), &format!("{prefix}.")),
+            url: self.url.clone(),
+            brokers: self.brokers.clone(),
+            schema: self.schema.clone(),
+            prefix: prefix.clone(),
+            config: self.config.clone(),
+            args: self.args.clone(),
+        };
+        let (brokers, topics, partitions) = (
+            self.brokers.clone(),
+            vec![
+                format!("{prefix}.whatsapp.webhooks"),
+                format!("{prefix}.chat.messages"),
+            ],
+            self.args.partitions,
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::produce::ensure_topics(&brokers, &topics, partitions)
+        })
+        .await??;
+        let mut child = live.spawn_weir(2, &group, http, "latency")?;
+        Self::wait_ready(http).await?;
+        let rate = events_per_second.max(1.0) as u64;
+        let run_dir = self.args.work_dir.join(format!("live-{}", self.schema));
+        let brokers = self.brokers.clone();
+        let args = ProduceArgs {
+            count: rate * self.args.latency_secs,
+            rate,
+            duration_secs: Some(self.args.latency_secs),
+            seed: SEED + 1,
+            companies: shape().companies,
+            zipf: shape().zipf_exponent,
+            spread_days: 0.0,
+            late: 0.0,
+            malformed: 0.0,
+            duplicates: 0.0,
+            chat_share: 0.0,
+            partitions: self.args.partitions,
+            topic_prefix: Some(prefix.clone()),
+            // Live traffic is read at the head of the log, whole batches at
+            // a time, so batching is safe even on the local stack's broker
+            // (and a lost message would fail the row count below).
+            batch_messages: 10_000,
+            out: run_dir,
+            quiet: true,
+        };
+        let manifest = tokio::task::spawn_blocking(move || produce(&brokers, &args)).await??;
+        let started = Instant::now();
+        while self.stored(client, &group).await? < manifest.count as i64 {
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("weir did not catch up with the live traffic");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let scrape = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
+        terminate(&mut child)?;
+        let metric = crate::report::metric_percentiles(&scrape)
+            .remove("wa_events")
+            .unwrap_or_default();
+        let rows = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM ingested_at - received_at)),
+                            extract(epoch FROM max(ingested_at) - min(ingested_at))::float8
+                       FROM \"{}\".wa_events",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        let written: i64 = rows.get(0);
+        let span: f64 = rows.get(2);
+        let expected: usize = {
+            let mut generator = Generator::new(Shape {
+                seed: SEED + 1,
+                now_secs: manifest.shape.now_secs,
+                spread_secs: 0,
+                ..shape()
+            });
+            (0..manifest.count)
+                .map(|_| {
+                    generator
+                        .next_event()
+                        .rows
+                        .iter()
+                        .filter(|r| r.table == "wa_events")
+                        .count()
+                })
+                .sum()
+        };
+        anyhow::ensure!(
+            written as usize == expected,
+            "live phase: {written} rows written, {expected} expected"
+        );
+        Ok(Latency {
+            offered_events: manifest.achieved_rate,
+            achieved_rows: written as f64 / span.max(1.0),
+            metric_p50: metric.p50,
+            metric_p99: metric.p99,
+            row_p99: rows.get(1),
+        })
+    }
+}
+
+struct Latency {
+    offered_events: f64,
+    achieved_rows: f64,
+    metric_p50: f64,
+    metric_p99: f64,
+    row_p99: f64,
+}
+
+fn terminate(child: &mut Child) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {memory:.0} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn results_section(
+    bench: &Bench,
+    id: &str,
+    events: u64,
+    items: u64,
+    limit: &[Measure],
+    drained: &[Measure],
+    latency: &Latency,
+) -> anyhow::Result<String> {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n## Run {id}\n");
+    let _ = writeln!(
+        s,
+        "Command: `weir-loadtest bench --items {} --partitions {} --latency-secs {} --batch-messages {}` on the local stack \
+         (`deploy/local/stack.sh`: PostgreSQL 15, tansu in-memory broker; the preloaded topic has {} record(s) per Kafka batch).\n\
+         Machine: {}. Workload: {events} WhatsApp webhook bodies, {items} `wa_events` rows \
+         (shipped schema: 3 btree indexes and a partial one, jsonb payload), direct COPY path (no dedupe key), {} Kafka partitions.\n",
+        bench.args.items,
+        bench.args.partitions,
+        bench.args.latency_secs,
+        bench.args.batch_messages,
+        bench.args.batch_messages,
+        machine(),
+        bench.args.partitions
+    );
+    let _ = writeln!(
+        s,
+        "| load | rows/s | ratio to the limit | weir CPU/row | PostgreSQL CPU/row | weir/PostgreSQL CPU | broker CPU/row | weir peak RSS |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (streams, m) in limit.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| limit: server-side binary COPY, {} session(s) | {:.0} | 1.00 | - | {:.1} us | - | - | - |",
+            streams + 1,
+            m.rate(),
+            Measure::per_row_us(m.postgres_cpu, m.rows)
+        );
+    }
+    for (writers, m) in drained.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| weir, {} writer(s), draining the topic | {:.0} | {:.2} | {:.1} us | {:.1} us | {:.2} | {:.1} us | {:.0} MiB |",
+            writers + 1,
+            m.rate(),
+            m.rate() / limit[writers].rate(),
+            Measure::per_row_us(m.weir_cpu, m.rows),
+            Measure::per_row_us(m.postgres_cpu, m.rows),
+            m.weir_cpu / m.postgres_cpu.max(1e-9),
+            Measure::per_row_us(m.broker_cpu, m.rows),
+            m.peak_rss_mib
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nLatency, live traffic offered at {:.0} bodies/s (half of weir's best rate in rows, {:.0} rows/s achieved), 2 writers: \
+         Kafka append to commit p50 {:.0} ms, p99 {:.0} ms (weir's `weir_end_to_end_seconds`, interpolated in buckets); \
+         p99 {:.0} ms from the rows (`ingested_at - received_at`).\n",
+        latency.offered_events,
+        latency.achieved_rows,
+        latency.metric_p50 * 1000.0,
+        latency.metric_p99 * 1000.0,
+        latency.row_p99 * 1000.0
+    );
+    let best = |i: usize| {
+        drained
+            .get(i)
+            .map(|m| m.rate() / limit[i].rate())
+            .unwrap_or(0.0)
+    };
+    let cpu_ratio = drained
+        .iter()
+        .map(|m| m.weir_cpu / m.postgres_cpu.max(1e-9))
+        .fold(f64::MAX, f64::min);
+    let rss = drained.iter().map(|m| m.peak_rss_mib).fold(0.0, f64::max);
+    let _ = writeln!(
+        s,
+        "Targets: 1 writer >= 0.9 of the 1-session limit: {:.2} ({}); 2 writers >= 0.8 of the 2-session limit: {:.2} ({}); \
+         weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}).",
+        best(0),
+        verdict(best(0) >= 0.9),
+        best(1),
+        verdict(best(1) >= 0.8),
+        cpu_ratio,
+        verdict(cpu_ratio <= 0.25),
+        rss,
+        verdict(rss < 150.0),
+        latency.metric_p99 * 1000.0,
+        verdict(latency.metric_p99 <= 0.25)
+    );
+    Ok(s)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "missed" }
+}
+
+fn append_results(path: &Path, section: &str) -> anyhow::Result<()> {
+    let mut text =
+        std::fs::read_to_string(path).unwrap_or_else(|_| "# weir benchmark results\n".into());
+    text.push_str(section);
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}

@@ -1,0 +1,282 @@
+//! `produce`: send generated traffic to Kafka and record what went where.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+
+use crate::manifest::{Delivery, DeliveryLog, Manifest};
+use crate::webhooks::{CHAT_TOPIC, Generator, Shape, WEBHOOK_TOPIC};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProduceArgs {
+    /// Events to send (redeliveries included).
+    #[arg(long, default_value_t = 1000)]
+    pub count: u64,
+    /// Events per second; 0 sends as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Stop after this many seconds even if --count is not reached.
+    #[arg(long)]
+    pub duration_secs: Option<u64>,
+    /// Seed of the traffic: the same seed and options send the same events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Tenants (Zipf-distributed).
+    #[arg(long, default_value_t = 200)]
+    pub companies: usize,
+    /// Zipf exponent of tenant popularity.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf: f64,
+    /// Event times spread over this many days before now (crossing partition boundaries).
+    #[arg(long, default_value_t = 40.0)]
+    pub spread_days: f64,
+    /// Share of late events (1 to 5 days older than the spread), 0..1.
+    #[arg(long, default_value_t = 0.01)]
+    pub late: f64,
+    /// Share of malformed bodies, 0..1.
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed: f64,
+    /// Share of webhook bodies delivered twice, 0..1.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicates: f64,
+    /// Share of outbound chat-message events, 0..1.
+    #[arg(long, default_value_t = 0.15)]
+    pub chat_share: f64,
+    /// Partitions of topics this command creates.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Put this before the topic names (`<prefix>.whatsapp.webhooks`).
+    #[arg(long)]
+    pub topic_prefix: Option<String>,
+    /// Records per Kafka batch. The local stack sets 1 (its tansu broker
+    /// mishandles fetches that start inside a batch); keep the default for
+    /// Apache Kafka.
+    #[arg(long, env = "WEIR_LOADTEST_BATCH_MESSAGES", default_value_t = 10_000)]
+    pub batch_messages: u32,
+    /// Where the manifest (for verify and report) is written.
+    #[arg(long, default_value = "target/loadtest/last")]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+struct Deliveries {
+    slots: Mutex<Vec<Option<Delivery>>>,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+struct DeliveryContext(Arc<Deliveries>);
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<(usize, u8)>;
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Box<(usize, u8)>) {
+        let (index, topic) = *opaque;
+        match result {
+            Ok(message) => {
+                let mut slots = self.0.slots.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = slots.get_mut(index) {
+                    *slot = Some(Delivery {
+                        topic,
+                        partition: message.partition(),
+                        offset: message.offset(),
+                    });
+                }
+            }
+            Err((err, _)) => {
+                eprintln!("delivery failed: {err}");
+                self.0
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Sends the events; returns the manifest written to `args.out`.
+pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
+    for value in [args.malformed, args.duplicates, args.chat_share, args.late] {
+        if !(0.0..=1.0).contains(&value) {
+            bail!("shares must be between 0 and 1");
+        }
+    }
+    let topic = |name: &str| match &args.topic_prefix {
+        Some(prefix) => format!("{prefix}.{name}"),
+        None => name.to_string(),
+    };
+    let topics = [topic(WEBHOOK_TOPIC), topic(CHAT_TOPIC)];
+    ensure_topics(brokers, &topics, args.partitions)?;
+    let deliveries = Arc::new(Deliveries {
+        slots: Mutex::new(vec![None; args.count as usize]),
+        failed: Default::default(),
+    });
+    let producer: ThreadedProducer<DeliveryContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("batch.size", "1000000")
+        .set("batch.num.messages", args.batch_messages.to_string())
+        .set("compression.type", "lz4")
+        .set("acks", "all")
+        .set("message.max.bytes", "16000000")
+        .set("queue.buffering.max.kbytes", "262144")
+        .create_with_context(DeliveryContext(deliveries.clone()))
+        .context("kafka producer")?;
+    let shape = Shape {
+        seed: args.seed,
+        companies: args.companies,
+        zipf_exponent: args.zipf,
+        spread_secs: (args.spread_days * 86_400.0) as i64,
+        late_share: args.late,
+        malformed_share: args.malformed,
+        duplicate_share: args.duplicates,
+        chat_share: args.chat_share,
+        ..Shape::default()
+    };
+    let mut generator = Generator::new(shape.clone());
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.count)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events {per_sec} {msg}",
+        )
+        .expect("static template should parse"),
+    );
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let deadline = args.duration_secs.map(|s| started + Duration::from_secs(s));
+    let mut sent = 0u64;
+    let mut malformed: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut duplicates = 0u64;
+    while sent < args.count {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let event = generator.next_event();
+        if let Some(class) = event.malformed {
+            *malformed.entry(class.name()).or_default() += 1;
+        }
+        duplicates += event.duplicate as u64;
+        let topic_index: u8 = if event.topic == WEBHOOK_TOPIC { 0 } else { 1 };
+        let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
+        for (name, value) in &event.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = BaseRecord::with_opaque_to(
+            &topics[topic_index as usize],
+            Box::new((sent as usize, topic_index)),
+        )
+        .key(event.key.as_bytes())
+        .payload(&event.payload)
+        .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((err, _)) => bail!("cannot produce: {err}"),
+            }
+        }
+        sent += 1;
+        bar.inc(1);
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("flushing the producer")?;
+    bar.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    let failed = deliveries.failed.load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} events were not delivered");
+    }
+    let mut log = DeliveryLog::create(&args.out)?;
+    let slots = deliveries.slots.lock().unwrap_or_else(|p| p.into_inner());
+    for (index, slot) in slots.iter().take(sent as usize).enumerate() {
+        let delivery = slot.with_context(|| format!("no delivery report for event {index}"))?;
+        log.record(delivery)?;
+    }
+    log.finish()?;
+    let manifest = Manifest {
+        version: 1,
+        count: sent,
+        shape: shape.clone(),
+        topic_prefix: args.topic_prefix.clone(),
+        rate: args.rate,
+        achieved_rate: sent as f64 / elapsed,
+        started_at: started_at.to_rfc3339(),
+        finished_at: chrono::Utc::now().to_rfc3339(),
+    };
+    manifest.save(&args.out)?;
+    println!(
+        "sent {sent} events in {elapsed:.1}s ({:.0}/s): {duplicates} redeliveries, {} malformed{}; manifest in {}",
+        sent as f64 / elapsed,
+        malformed.values().sum::<u64>(),
+        if malformed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                malformed
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        args.out.display()
+    );
+    Ok(manifest)
+}
+
+/// Creates the topics that do not exist yet.
+pub fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("kafka admin client")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = runtime
+        .block_on(admin.create_topics(
+            &new_topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .context("creating topics")?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
