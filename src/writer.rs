@@ -238,16 +238,17 @@ impl Batcher {
                     // past `max_bytes` (its rows are about its size): a
                     // segment buffer then stays within the ceiling instead
                     // of doubling past it for the last few rows.
+                    let mut encoded_before = lane.gathered.bytes();
                     if lane.gathered.rows > 0
-                        && lane.gathered.bytes() + event.payload.len() > self.max_bytes
+                        && encoded_before + event.payload.len() > self.max_bytes
                         && let Some(batch) = lane.cut()
                     {
                         self.send(batch).await;
+                        encoded_before = 0; // a fresh batch
                     }
                     lane.position = Some(event.offset + 1);
                     let started = Instant::now();
                     let message = lane.messages.len() as u32;
-                    let encoded_before = lane.gathered.bytes();
                     self.decoder
                         .decode(&event, message, now_micros(), &mut lane.gathered);
                     lane.decode_time += started.elapsed();
@@ -255,13 +256,13 @@ impl Batcher {
                     // count against the same in-flight ceiling, and are
                     // released with the event bytes (through `lane.charged`
                     // and then the batch's `charged_bytes`).
-                    let encoded = lane.gathered.bytes().saturating_sub(encoded_before);
+                    let encoded_now = lane.gathered.bytes();
+                    let encoded = encoded_now.saturating_sub(encoded_before);
                     self.in_flight.charge(encoded);
                     lane.messages.push(event);
                     lane.charged += charged + encoded;
                     lane.oldest.get_or_insert(started);
-                    if (lane.gathered.rows >= self.max_rows
-                        || lane.gathered.bytes() >= self.max_bytes)
+                    if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                         && let Some(batch) = lane.cut()
                     {
                         self.send(batch).await;

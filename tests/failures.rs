@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Running, TestDb, Topics};
+use common::{Fixture, Running, TestDb, Topics};
 use serde_json::{Value, json};
 
 const TENANT: &str = "6f1f7a7e-4b7a-4a39-9a61-5d3b9f0e2c11";
@@ -449,12 +449,12 @@ fn corpus() -> Vec<Input> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_lands_where_it_belongs_and_good_items_are_written() {
-    let db = TestDb::new("corpus").await;
-    let topics = Topics::new("corpus");
-    topics.create(1).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("corpus", 1).await;
     let s = db.schema.clone();
     let corpus = corpus();
     assert!(corpus.len() >= 25, "{} classes", corpus.len());
@@ -722,12 +722,12 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
-    let db = TestDb::new("replay").await;
-    let topics = Topics::new("replay");
-    topics.create(1).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("replay", 1).await;
     let s = db.schema.clone();
     // A constraint the data breaks: outbound texts mentioning a code.
     db.client

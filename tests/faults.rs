@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::webhooks::Shape;
-use common::{TestDb, Topics};
+use common::{Fixture, TestDb};
 
 /// A `weir run` child process.
 struct Weir {
@@ -122,12 +122,9 @@ fn small_batches(text: String, port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_then_restart_is_exactly_once() {
-    let db = TestDb::new("kill").await;
-    let topics = Topics::new("kill");
-    topics.create(4).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("kill", 4).await;
     let sent = common::generate(
         Shape {
             seed: 11,
@@ -177,12 +174,9 @@ async fn sigkill_mid_stream_then_restart_is_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_consumer_that_wakes_up_is_fenced() {
-    let db = TestDb::new("zombie").await;
-    let topics = Topics::new("zombie");
-    topics.create(4).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("zombie", 4).await;
     let sent = common::generate(
         Shape {
             seed: 12,
@@ -243,12 +237,9 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_deployments_on_the_same_offsets_never_write_twice() {
-    let db = TestDb::new("overlap").await;
-    let topics = Topics::new("overlap");
-    topics.create(2).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("overlap", 2).await;
     let sent = common::generate(
         Shape {
             seed: 13,

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{TestDb, Topics};
+use common::Fixture;
 
 fn loadtest(args: &[&str]) -> Output {
     let stack = common::stack();
@@ -49,11 +49,13 @@ fn verify(run: &Path, schema: &str, group: &str, wait_secs: &str) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_traffic_verifies_exactly_once_and_verify_catches_damage() {
-    let db = TestDb::new("lt").await;
-    let topics = Topics::new("lt");
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    // The generator creates the topics.
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::without_topics("lt").await;
     let run_dir = std::env::temp_dir().join(common::unique("weir-loadtest-run"));
 
     // 600 bodies at a fixed seed: late events, 4% malformed, 5% redelivered.

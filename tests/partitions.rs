@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use common::webhooks::Shape;
-use common::{TestDb, Topics};
+use common::{Fixture, TestDb, Topics};
 use sha2::Digest;
 use weir::config::{Granularity, PostgresConfig};
 use weir::encode::PgType;
@@ -143,12 +143,12 @@ async fn four_concurrent_creators_make_one_partition_per_range() {
 /// transaction by an event trigger reading pg_locks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_partitions_neither_waits_for_nor_blocks_readers() {
-    let db = TestDb::new("readers").await;
-    let topics = Topics::new("readers");
-    topics.create(2).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("readers", 2).await;
     let s = db.schema.clone();
     let probe = format!("weir_lock_probe_{}", rand::random::<u32>());
     db.client

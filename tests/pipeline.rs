@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{Datelike, Days, TimeZone, Utc};
 use common::webhooks::Shape;
-use common::{TestDb, Topics};
+use common::{Fixture, TestDb};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -39,12 +39,12 @@ async fn drain(db: &TestDb, config: weir::config::Config, group: &str, target: i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_land_exactly_once_in_partitions_created_on_demand() {
-    let db = TestDb::new("e2e").await;
-    let topics = Topics::new("e2e");
-    topics.create(4).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("e2e", 4).await;
     let s = &db.schema;
     assert_eq!(
         db.count(&format!(
@@ -122,12 +122,12 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
 /// in different partitions, by UTC, at day, week and month granularity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boundaries_route_by_utc_day_week_and_month() {
-    let db = TestDb::new("edge").await;
-    let topics = Topics::new("edge");
-    topics.create(1).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("edge", 1).await;
     let s = &db.schema;
 
     let now = Utc::now();
@@ -275,12 +275,12 @@ async fn boundaries_route_by_utc_day_week_and_month() {
 /// webhook_logs keeps every delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_webhooks_are_written_once_and_logged_twice() {
-    let db = TestDb::new("dup").await;
-    let topics = Topics::new("dup");
-    topics.create(2).await;
-    let group = common::unique("g");
-    let config = common::config(&db.schema, &topics, &group, "");
-    db.migrate(&config).await;
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("dup", 2).await;
     let sent = common::generate(
         Shape {
             seed: 71,

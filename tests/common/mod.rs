@@ -127,6 +127,40 @@ impl TestDb {
     }
 }
 
+/// What most tests start from: a schema of their own with the shipped
+/// schema migrated into it, topics and a consumer group of their own, and
+/// the shipped config pointed at them.
+pub struct Fixture {
+    pub db: TestDb,
+    pub topics: Topics,
+    pub group: String,
+    pub config: weir::config::Config,
+}
+
+impl Fixture {
+    /// With both generator topics created, `partitions` partitions each.
+    pub async fn new(prefix: &str, partitions: i32) -> Fixture {
+        let fixture = Fixture::without_topics(prefix).await;
+        fixture.topics.create(partitions).await;
+        fixture
+    }
+
+    /// Topics left for the test (or the load generator) to create.
+    pub async fn without_topics(prefix: &str) -> Fixture {
+        let db = TestDb::new(prefix).await;
+        let topics = Topics::new(prefix);
+        let group = unique("g");
+        let config = config(&db.schema, &topics, &group, "");
+        db.migrate(&config).await;
+        Fixture {
+            db,
+            topics,
+            group,
+            config,
+        }
+    }
+}
+
 /// Topic names of one test: the generator's topics with a unique prefix.
 pub struct Topics {
     pub prefix: String,
