@@ -9,6 +9,12 @@
 //!    PostgreSQL, weir's peak RSS.
 //! 3. Latency: live traffic at half of weir's best rate, p99 end to end.
 //!
+//! Beside weir's and PostgreSQL's CPU it reports the other two processes a
+//! reader must rule out as the bottleneck: the generator (CPU per event
+//! while preloading, batched and lz4-compressed as a gateway would) and the
+//! broker (CPU per row while weir drains, and the rate at which a plain
+//! librdkafka consumer reads the preloaded topic: the broker's ceiling).
+//!
 //! The table is the seeds' `wa_events` with the shipped schema; weir writes
 //! it through the direct COPY path (no dedupe key), as the limit does.
 
@@ -49,8 +55,8 @@ pub struct BenchArgs {
     /// Only measure weir's decode and encode speed (no Kafka, no load).
     #[arg(long)]
     pub decode_only: bool,
-    /// Records per Kafka batch when preloading (the local stack sets 1).
-    #[arg(long, env = "WEIR_LOADTEST_BATCH_MESSAGES", default_value_t = 10_000)]
+    /// Most records per Kafka batch when preloading (librdkafka's `batch.num.messages`).
+    #[arg(long, default_value_t = 10_000)]
     pub batch_messages: u32,
 }
 
@@ -266,9 +272,36 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
         quiet: true,
     };
     let brokers_owned = brokers.to_string();
+    let broker_pids = pids_named("tansu");
+    let (generator_before, broker_before) = (
+        cpu_seconds(std::process::id()),
+        broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+    );
     let preloaded =
         tokio::task::spawn_blocking(move || produce(&brokers_owned, &preload)).await??;
-    println!("preloaded at {:.0} events/s", preloaded.achieved_rate);
+    let preload_cost = Preload {
+        events,
+        events_per_second: preloaded.achieved_rate,
+        generator_cpu: cpu_seconds(std::process::id()) - generator_before,
+        broker_cpu: broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+    };
+    println!(
+        "preloaded at {:.0} events/s: generator {:.1} us CPU/event, broker {:.1} us CPU/event",
+        preload_cost.events_per_second,
+        Measure::per_row_us(preload_cost.generator_cpu, events),
+        Measure::per_row_us(preload_cost.broker_cpu, events)
+    );
+    let ceiling = broker_read_ceiling(
+        brokers,
+        &format!("{}.whatsapp.webhooks", bench.prefix),
+        events,
+    )
+    .await?;
+    println!(
+        "broker read ceiling (plain librdkafka consumer): {:.0} msg/s, broker {:.1} us CPU/msg",
+        ceiling.rate(),
+        Measure::per_row_us(ceiling.broker_cpu, ceiling.rows)
+    );
     let mut drained = Vec::new();
     for writers in [1usize, 2] {
         let measure = bench.drain(&client, writers, events, items).await?;
@@ -297,7 +330,19 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
         latency.row_p99 * 1000.0
     );
 
-    let section = results_section(&bench, &id, events, items, &limit, &drained, &latency)?;
+    let section = results_section(
+        &bench,
+        &id,
+        events,
+        items,
+        &Phases {
+            limit: &limit,
+            preload: &preload_cost,
+            ceiling: &ceiling,
+            drained: &drained,
+            latency: &latency,
+        },
+    )?;
     append_results(&args.results, &section)?;
     println!("results appended to {}", args.results.display());
     bench.clean_up(&client).await
@@ -712,9 +757,6 @@ impl Bench {
             chat_share: 0.0,
             partitions: self.args.partitions,
             topic_prefix: Some(prefix.clone()),
-            // Live traffic is read at the head of the log, whole batches at
-            // a time, so batching is safe even on the local stack's broker
-            // (and a lost message would fail the row count below).
             batch_messages: 10_000,
             out: run_dir,
             quiet: true,
@@ -829,22 +871,96 @@ fn machine() -> String {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What producing the preloaded topic cost the generator and the broker.
+struct Preload {
+    events: u64,
+    events_per_second: f64,
+    generator_cpu: f64,
+    broker_cpu: f64,
+}
+
+/// A plain librdkafka consumer (no group, no processing) reads `events`
+/// messages of `topic` from the start of every partition: the broker's
+/// delivery ceiling on this machine. `rows` of the result are messages.
+async fn broker_read_ceiling(brokers: &str, topic: &str, events: u64) -> anyhow::Result<Measure> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "weir-bench-ceiling")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("ceiling consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .context("topic metadata")?;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for partition in metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        {
+            assignment.add_partition_offset(&topic, partition, rdkafka::Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        let broker_pids = pids_named("tansu");
+        let broker_before = broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+        let started = Instant::now();
+        let mut read = 0u64;
+        while read < events {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(_)) => read += 1,
+                Some(Err(err)) => bail!("ceiling consumer: {err}"),
+                None if started.elapsed() > Duration::from_secs(600) => {
+                    bail!("ceiling consumer read {read} of {events} messages in 10 minutes")
+                }
+                None => {}
+            }
+        }
+        Ok(Measure {
+            rows: read,
+            seconds: started.elapsed().as_secs_f64(),
+            postgres_cpu: 0.0,
+            weir_cpu: 0.0,
+            broker_cpu: broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            peak_rss_mib: 0.0,
+        })
+    })
+    .await?
+}
+
+/// Every phase's measurements, for the results section.
+struct Phases<'a> {
+    limit: &'a [Measure],
+    preload: &'a Preload,
+    ceiling: &'a Measure,
+    drained: &'a [Measure],
+    latency: &'a Latency,
+}
+
 fn results_section(
     bench: &Bench,
     id: &str,
     events: u64,
     items: u64,
-    limit: &[Measure],
-    drained: &[Measure],
-    latency: &Latency,
+    phases: &Phases<'_>,
 ) -> anyhow::Result<String> {
+    let Phases {
+        limit,
+        preload,
+        ceiling,
+        drained,
+        latency,
+    } = *phases;
     let mut s = String::new();
     let _ = writeln!(s, "\n## Run {id}\n");
     let _ = writeln!(
         s,
         "Command: `weir-loadtest bench --items {} --partitions {} --latency-secs {} --batch-messages {}` on the local stack \
-         (`deploy/local/stack.sh`: PostgreSQL 15, tansu in-memory broker; the preloaded topic has {} record(s) per Kafka batch).\n\
+         (`deploy/local/stack.sh`: PostgreSQL 15, tansu in-memory broker; preloaded with up to {} records per lz4-compressed Kafka batch).\n\
          Machine: {}. Workload: {events} WhatsApp webhook bodies, {items} `wa_events` rows \
          (shipped schema: 3 btree indexes and a partial one, jsonb payload), direct COPY path (no dedupe key), {} Kafka partitions.\n",
         bench.args.items,
@@ -882,6 +998,19 @@ fn results_section(
             m.peak_rss_mib
         );
     }
+    let _ = writeln!(
+        s,
+        "\nThe other processes: the generator preloaded {} bodies at {:.0} bodies/s using {:.1} us CPU per body \
+         (batched, lz4-compressed), the broker {:.1} us per body taking them in. A plain librdkafka consumer \
+         (no group, no processing) reads the preloaded topic at {:.0} msg/s, the broker using {:.1} us CPU per message: \
+         the broker's ceiling here.",
+        preload.events,
+        preload.events_per_second,
+        Measure::per_row_us(preload.generator_cpu, preload.events),
+        Measure::per_row_us(preload.broker_cpu, preload.events),
+        ceiling.rate(),
+        Measure::per_row_us(ceiling.broker_cpu, ceiling.rows)
+    );
     let _ = writeln!(
         s,
         "\nLatency, live traffic offered at {:.0} bodies/s (half of weir's best rate in rows, {:.0} rows/s achieved), 2 writers: \

@@ -58,10 +58,9 @@ pub struct ProduceArgs {
     /// Put this before the topic names (`<prefix>.whatsapp.webhooks`).
     #[arg(long)]
     pub topic_prefix: Option<String>,
-    /// Records per Kafka batch. The local stack sets 1 (its tansu broker
-    /// mishandles fetches that start inside a batch); keep the default for
-    /// Apache Kafka.
-    #[arg(long, env = "WEIR_LOADTEST_BATCH_MESSAGES", default_value_t = 10_000)]
+    /// Most records per Kafka batch (librdkafka's `batch.num.messages`); the
+    /// producer lingers 5 ms and compresses with lz4, as a gateway would.
+    #[arg(long, default_value_t = 10_000)]
     pub batch_messages: u32,
     /// Where the manifest (for verify and report) is written.
     #[arg(long, default_value = "target/loadtest/last")]

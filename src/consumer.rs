@@ -517,6 +517,12 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
                 {
                     state.paused = true;
                     gauge!(m::PAUSED_PARTITIONS).set(assignment.count() as f64);
+                    counter!(m::BACKPRESSURE_PAUSES).increment(1);
+                    tracing::debug!(
+                        in_flight_bytes = in_flight.get(),
+                        blocked,
+                        "partitions paused for backpressure"
+                    );
                 }
             } else if state.paused
                 && !blocked

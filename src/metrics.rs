@@ -31,6 +31,7 @@ pub const CONSUMER_LAG: &str = "weir_consumer_lag";
 pub const IN_FLIGHT_BYTES: &str = "weir_in_flight_bytes";
 pub const IN_FLIGHT_ROWS: &str = "weir_in_flight_rows";
 pub const PAUSED_PARTITIONS: &str = "weir_paused_partitions";
+pub const BACKPRESSURE_PAUSES: &str = "weir_backpressure_pauses_total";
 pub const ASSIGNED_PARTITIONS: &str = "weir_assigned_partitions";
 pub const LANE_STOPPED: &str = "weir_lane_stopped";
 pub const KAFKA_ERRORS: &str = "weir_kafka_errors_total";
@@ -59,6 +60,7 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT_BYTES,
     IN_FLIGHT_ROWS,
     PAUSED_PARTITIONS,
+    BACKPRESSURE_PAUSES,
     ASSIGNED_PARTITIONS,
     LANE_STOPPED,
     KAFKA_ERRORS,
@@ -198,6 +200,11 @@ fn describe() {
         PAUSED_PARTITIONS,
         Unit::Count,
         "Partitions paused for backpressure"
+    );
+    describe_counter!(
+        BACKPRESSURE_PAUSES,
+        Unit::Count,
+        "Times the consumer paused its partitions because writers fell behind"
     );
     describe_gauge!(
         ASSIGNED_PARTITIONS,

@@ -579,14 +579,14 @@ async fn killed_postgres_sessions_cause_retries_never_dead_letters() {
     config.pipeline.batch_max_rows = 500;
     config.pipeline.retry_max_ms = 500;
     db.migrate(&config).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         common::webhooks::Shape {
             seed: 31,
             ..Default::default()
         },
         12_000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
 
     let running = Running::start(config);
     let killer = common::connect(&common::stack().database_url).await;
@@ -628,7 +628,7 @@ async fn killed_postgres_sessions_cause_retries_never_dead_letters() {
         .await,
         0
     );
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,7 +656,8 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
         },
         500,
     );
-    let mut target = common::produce(&topics, &first.events).await;
+    let mut first = first;
+    let mut target = common::produce(&topics, &mut first).await;
 
     let running = Running::start(config);
     common::wait_for_offsets(&db, &group, target, Duration::from_secs(60)).await;
@@ -669,7 +670,8 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
         .batch_execute(&format!("ALTER TABLE \"{s}\".messages DROP COLUMN body"))
         .await
         .expect("drop column");
-    target = common::produce(&topics, &second.events).await;
+    let mut second = second;
+    target = common::produce(&topics, &mut second).await;
     common::eventually(
         "not ready after the column is gone",
         Duration::from_secs(30),
@@ -716,8 +718,13 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
     );
     let all = common::Sent {
         events: first.events.into_iter().chain(second.events).collect(),
+        delivered: first
+            .delivered
+            .into_iter()
+            .chain(second.delivered)
+            .collect(),
     };
-    common::assert_exactly_once(&db, &all).await;
+    common::assert_exactly_once(&db, &all, &topics).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -736,7 +743,7 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         ))
         .await
         .expect("constraint");
-    let sent = common::generate(
+    let mut sent = common::generate(
         common::webhooks::Shape {
             seed: 51,
             chat_share: 0.5,
@@ -744,7 +751,7 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         },
         1500,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     let running = Running::start(config.clone());
     common::wait_for_offsets(&db, &group, target, Duration::from_secs(60)).await;
     running.stop().await;
@@ -851,5 +858,5 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         again.selected, 0,
         "replayed dead letters are not replayed twice"
     );
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
 }

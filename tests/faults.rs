@@ -1,7 +1,14 @@
 //! Faults with real processes: `weir run` killed with SIGKILL mid-stream
 //! and restarted, a consumer frozen (SIGSTOP) until the group gives its
-//! partitions away and then thawed (a zombie), and two deployments writing
-//! the same offsets at once. Every time: each event exactly once.
+//! partitions away and then thawed (a zombie), two deployments writing the
+//! same offsets at once, and a consumer that pauses and resumes under
+//! backpressure. Every time: each event exactly once, counted per id.
+//!
+//! The traffic is what production sees: batched, compressed producers
+//! (`common::produce`), so every restart, takeover and resume starts inside
+//! a Kafka record batch. The tables' dedupe keys are dropped
+//! (`common::without_dedupe`): a row written twice then breaks a unique
+//! index instead of being skipped, and the accounting sees it.
 
 mod common;
 
@@ -28,7 +35,11 @@ impl Weir {
             .args(["run", "--config"])
             .arg(&config)
             .env("WEIR_DATABASE_URL", &common::stack().database_url)
-            .env("RUST_LOG", "weir=info")
+            // WEIR_TEST_LOG (e.g. weir=debug) to see more when a test fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "weir=info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -106,7 +117,7 @@ fn test_dir(name: &str) -> PathBuf {
 }
 
 fn small_batches(text: String, port: u16) -> String {
-    let mut table: toml::Table = toml::from_str(&text).expect("config");
+    let mut table: toml::Table = toml::from_str(&common::without_dedupe(&text)).expect("config");
     let pipeline = table
         .entry("pipeline")
         .or_insert(toml::Value::Table(Default::default()));
@@ -125,14 +136,14 @@ async fn sigkill_mid_stream_then_restart_is_exactly_once() {
     let Fixture {
         db, topics, group, ..
     } = Fixture::new("kill", 4).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 11,
             ..Shape::default()
         },
         30_000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     let dir = test_dir("kill");
     let text = small_batches(
         common::config_text(&db.schema, &topics, &group, ""),
@@ -161,7 +172,7 @@ async fn sigkill_mid_stream_then_restart_is_exactly_once() {
     );
     println!("killed at stored offsets {killed_at:?} of {target}");
 
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM \"{}\".weir_dead_letters",
@@ -177,14 +188,14 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
     let Fixture {
         db, topics, group, ..
     } = Fixture::new("zombie", 4).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 12,
             ..Shape::default()
         },
         30_000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     let dir = test_dir("zombie");
 
     // Both in one consumer group. Short PostgreSQL timeouts: the frozen
@@ -216,6 +227,9 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
     tokio::time::sleep(Duration::from_secs(20)).await;
     let progressed = stored(&db, &group).await;
     // Thaw it: whatever it was about to commit must not be written again.
+    // Only what it logs from here on shows the fencing (a batch fenced
+    // before the freeze proves nothing about the zombie).
+    let log_before_thaw = first.log().len();
     first.signal("CONT");
     wait_until_stored(&db, &group, target).await;
     let mut first = first;
@@ -226,13 +240,17 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
         progressed > frozen_at,
         "the second consumer took over while the first was frozen"
     );
+    let after_thaw = first
+        .log()
+        .get(log_before_thaw..)
+        .unwrap_or_default()
+        .to_string();
     assert!(
-        first.log().contains("batch fenced"),
-        "the woken consumer's stale batches were fenced:\n{}",
-        first.log()
+        after_thaw.contains("batch fenced"),
+        "the woken consumer's stale batches were fenced after SIGCONT:\n{after_thaw}"
     );
 
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,14 +258,14 @@ async fn two_deployments_on_the_same_offsets_never_write_twice() {
     let Fixture {
         db, topics, group, ..
     } = Fixture::new("overlap", 2).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 13,
             ..Shape::default()
         },
         10_000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     let dir = test_dir("overlap");
 
     // Different Kafka consumer groups (each reads every partition) sharing
@@ -278,5 +296,53 @@ async fn two_deployments_on_the_same_offsets_never_write_twice() {
     println!("fenced batches: {fenced}");
     assert!(fenced > 0, "the overlap was real: some commits were fenced");
 
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_and_resuming_inside_batches_is_exactly_once() {
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("pause", 4).await;
+    let mut sent = common::generate(
+        Shape {
+            seed: 14,
+            ..Shape::default()
+        },
+        8_000,
+    );
+    let target = common::produce(&topics, &mut sent).await;
+    let dir = test_dir("pause");
+    let port = common::free_port();
+    // An in-flight budget of a fraction of the topic: the consumer outruns
+    // the writers and pauses every partition, several times; each resume
+    // fetches from a lane's next offset, inside one of the producer's
+    // batches (librdkafka drops what it prefetched when it pauses).
+    let mut table: toml::Table = toml::from_str(&small_batches(
+        common::config_text(&db.schema, &topics, &group, ""),
+        port,
+    ))
+    .expect("config");
+    let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
+    pipeline.insert("max_event_bytes".into(), 1_048_576.into());
+    pipeline.insert("max_in_flight_bytes".into(), 2_097_152.into());
+    let text = toml::to_string(&table).expect("config");
+
+    let mut weir = Weir::start(&dir, "paused", &text);
+    wait_until_stored(&db, &group, target).await;
+    let (status, metrics) = common::http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "metrics endpoint");
+    let pauses: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("weir_backpressure_pauses_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(weir.terminate().success(), "{}", weir.log());
+    println!("backpressure pauses: {pauses}");
+    assert!(
+        pauses >= 2.0,
+        "the consumer paused and resumed ({pauses} pauses)"
+    );
+
+    common::assert_exactly_once(&db, &sent, &topics).await;
 }

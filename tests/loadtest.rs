@@ -18,9 +18,6 @@ fn loadtest(args: &[&str]) -> Output {
         .args(args)
         .env("WEIR_DATABASE_URL", &stack.database_url)
         .env("WEIR_KAFKA__BROKERS", &stack.brokers)
-        // The local broker (tansu) skips records when a fetch starts inside
-        // a multi-record batch: one record per batch (see deploy/local/stack.sh).
-        .env("WEIR_LOADTEST_BATCH_MESSAGES", "1")
         .output()
         .expect("weir-loadtest runs")
 }

@@ -80,7 +80,7 @@ async fn the_scrape_after_a_run_matches_postgresql() {
         weir::config::PropertyValue::Text("1000".into()),
     );
     db.migrate(&config).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 61,
             malformed_share: 0.05,
@@ -88,7 +88,7 @@ async fn the_scrape_after_a_run_matches_postgresql() {
         },
         3000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
 
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(weir::pipeline::run(

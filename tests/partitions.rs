@@ -173,7 +173,7 @@ async fn creating_partitions_neither_waits_for_nor_blocks_readers() {
         .await
         .expect("reader transaction");
 
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 21,
             spread_secs: 80 * 86_400,
@@ -182,7 +182,7 @@ async fn creating_partitions_neither_waits_for_nor_blocks_readers() {
         },
         500,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(weir::pipeline::run(
         Arc::new(config),
@@ -276,7 +276,6 @@ created_at = {{ item = "/at" }}
     let now = Utc::now();
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &common::stack().brokers)
-        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     for (id, at) in [

@@ -56,7 +56,7 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
     );
 
     // 70 days back: three months of wa_events, ten weeks of messages.
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 7,
             spread_secs: 70 * 86_400,
@@ -65,7 +65,7 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
         },
         4000,
     );
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     assert_eq!(
         target, 4000,
         "every message is in Kafka, offsets contiguous"
@@ -73,7 +73,7 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
 
     let elapsed = drain(&db, config, &group, target).await;
 
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
     assert_eq!(
         db.count(&format!("SELECT count(*) FROM \"{s}\".weir_dead_letters"))
             .await,
@@ -281,7 +281,7 @@ async fn redelivered_webhooks_are_written_once_and_logged_twice() {
         group,
         config,
     } = Fixture::new("dup", 2).await;
-    let sent = common::generate(
+    let mut sent = common::generate(
         Shape {
             seed: 71,
             duplicate_share: 0.3,
@@ -291,9 +291,9 @@ async fn redelivered_webhooks_are_written_once_and_logged_twice() {
     );
     let duplicates = sent.events.iter().filter(|e| e.duplicate).count();
     assert!(duplicates > 300, "{duplicates} redeliveries");
-    let target = common::produce(&topics, &sent.events).await;
+    let target = common::produce(&topics, &mut sent).await;
     drain(&db, config, &group, target).await;
-    common::assert_exactly_once(&db, &sent).await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
     let s = &db.schema;
     let logs = db
         .count(&format!("SELECT count(*) FROM \"{s}\".webhook_logs"))

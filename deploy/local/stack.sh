@@ -14,12 +14,12 @@
 #
 # `eval "$(deploy/local/stack.sh up)"` leaves the settings in the shell.
 #
-# tansu's in-memory engine answers a fetch at an offset inside a record batch
-# with the next batch, skipping the rest of the one asked for. Consumers that
-# resume mid-batch (weir after a restart, a pause or a fenced commit) would
-# miss messages, so producers aimed at this stack send one record per batch
-# (WEIR_LOADTEST_BATCH_MESSAGES=1; the tests do the same). Apache Kafka does
-# not need this.
+# tansu is built from crates.io with weir's patch to its storage crate
+# (tansu-storage-0.6.0.patch beside this script: 0.6.0 answered a fetch that
+# starts inside a record batch with the next batch, losing records, and held
+# every fetch for its full max wait). The cached build is keyed by the patch's
+# hash, so a changed patch rebuilds; a patch that no longer applies stops the
+# script with an error.
 # Log lines go to stderr, settings to stdout.
 #
 # Knobs (environment):
@@ -34,7 +34,10 @@ STACK_DIR=${WEIR_STACK_DIR:-/tmp/weir-stack}
 PG_PORT=${WEIR_STACK_PG_PORT:-55432}
 KAFKA_PORT=${WEIR_STACK_KAFKA_PORT:-19092}
 TANSU_VERSION=0.6.0
-TANSU_ROOT="$CACHE_DIR/tansu-$TANSU_VERSION"
+TANSU_PATCH="$(cd "$(dirname "$0")" && pwd)/tansu-storage-$TANSU_VERSION.patch"
+[ -f "$TANSU_PATCH" ] || { echo "stack: error: $TANSU_PATCH is missing" >&2; exit 1; }
+TANSU_PATCH_HASH=$(sha256sum "$TANSU_PATCH" | cut -c1-12)
+TANSU_ROOT="$CACHE_DIR/tansu-$TANSU_VERSION-$TANSU_PATCH_HASH"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 PG_DATA="$STACK_DIR/pg"
 PG_DB=weir
@@ -94,15 +97,51 @@ ensure_postgres_installed() {
   pg_bindir >/dev/null || die "postgresql installed but initdb still not found"
 }
 
+# Puts tansu-storage's source, from the cargo registry, with weir's patch
+# applied, in $1. cargo itself downloads the crate (through whatever registry
+# or mirror cargo is configured for): a scratch package that depends on
+# exactly that version, and `cargo metadata` to find where cargo unpacked it.
+patched_tansu_storage() {
+  local dest=$1 scratch="$CACHE_DIR/tansu-storage-source" manifest src
+  mkdir -p "$scratch/src"
+  : >"$scratch/src/lib.rs"
+  printf '%s\n' '[package]' 'name = "weir-tansu-storage-source"' 'version = "0.0.0"' \
+    'edition = "2021"' 'publish = false' '' '[dependencies]' \
+    "tansu-storage = { version = \"=$TANSU_VERSION\", default-features = false }" \
+    >"$scratch/Cargo.toml"
+  manifest=$(cargo metadata --manifest-path "$scratch/Cargo.toml" --format-version 1 \
+    --filter-platform "$(rustc -vV | sed -n 's/^host: //p')" |
+    grep -o '"manifest_path":"[^"]*/tansu-storage-'"$TANSU_VERSION"'/Cargo.toml"' |
+    head -1 | sed 's/^"manifest_path":"//; s/"$//') ||
+    die "could not fetch tansu-storage $TANSU_VERSION from the cargo registry"
+  src=$(dirname "$manifest")
+  [ -f "$src/src/dynostore.rs" ] || die "tansu-storage $TANSU_VERSION source not found (looked in '$src')"
+  rm -rf "$dest"
+  cp -R "$src" "$dest"
+  # GIT_CEILING_DIRECTORIES: patch these files even when a parent directory is a git work tree.
+  if ! (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply --check "$TANSU_PATCH" >&2); then
+    die "$TANSU_PATCH no longer applies to tansu-storage $TANSU_VERSION: update the patch for this version (see its header)"
+  fi
+  (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply "$TANSU_PATCH")
+}
+
 ensure_tansu_installed() {
   if [ -x "$TANSU_BIN" ]; then
     return 0
   fi
   command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
-  log "installing tansu $TANSU_VERSION into $TANSU_ROOT (cached; about 10 minutes on 2 cores, once)"
+  command -v git >/dev/null 2>&1 || die "git is needed to apply weir's patch to tansu"
+  log "installing tansu $TANSU_VERSION with weir's patch into $TANSU_ROOT (cached; about 10 minutes on 2 cores, once)"
   mkdir -p "$TANSU_ROOT"
+  local storage_src="$TANSU_ROOT/tansu-storage-$TANSU_VERSION"
+  patched_tansu_storage "$storage_src"
   # dynostore: without it tansu's in-memory storage engine refuses to start.
+  # --locked keeps every other crate at the version tansu 0.6.0 was released with.
+  # A build directory kept in the cache: a changed patch recompiles only
+  # tansu-storage and what depends on it.
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+    --config "patch.crates-io.tansu-storage.path=\"$storage_src\"" \
+    --target-dir "$CACHE_DIR/tansu-build" \
     --root "$TANSU_ROOT" >&2
   [ -x "$TANSU_BIN" ] || die "cargo install tansu finished but $TANSU_BIN is missing"
 }
@@ -165,11 +204,26 @@ tansu_running() {
   [ -f "$STACK_DIR/tansu.pid" ] && kill -0 "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null && port_open "$KAFKA_PORT"
 }
 
+# The binary a running stack broker was started from: a broker from an older
+# (or unpatched) build is replaced, never silently reused.
+tansu_running_binary() {
+  readlink "/proc/$(cat "$STACK_DIR/tansu.pid")/exe" 2>/dev/null || true
+}
+
 start_tansu() {
   mkdir -p "$STACK_DIR"
   if tansu_running; then
-    log "tansu already running on 127.0.0.1:$KAFKA_PORT"
-    return 0
+    if [ "$(tansu_running_binary)" = "$TANSU_BIN" ]; then
+      log "tansu already running on 127.0.0.1:$KAFKA_PORT"
+      return 0
+    fi
+    log "tansu on 127.0.0.1:$KAFKA_PORT runs another build: restarting it (its topics are lost)"
+    kill "$(cat "$STACK_DIR/tansu.pid")" 2>/dev/null || true
+    local waited=0
+    while port_open "$KAFKA_PORT" && [ "$waited" -lt 100 ]; do
+      sleep 0.1
+      waited=$((waited + 1))
+    done
   fi
   if port_open "$KAFKA_PORT"; then
     die "port $KAFKA_PORT is taken by something that is not this stack's tansu (set WEIR_STACK_KAFKA_PORT)"
@@ -198,7 +252,6 @@ export WEIR_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB'
 export WEIR_KAFKA__BROKERS='127.0.0.1:$KAFKA_PORT'
 export WEIR_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS='10'
 export WEIR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS='6000'
-export WEIR_LOADTEST_BATCH_MESSAGES='1'
 EOF
 }
 
