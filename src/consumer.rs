@@ -144,6 +144,10 @@ struct State {
     /// Offsets committed in PostgreSQL and not yet in Kafka.
     pending_commits: HashMap<LaneKey, (u64, i64)>,
     paused: bool,
+    /// Fenced lanes whose reload (read the stored offset, seek there) has
+    /// failed, with when to try again. Until it succeeds the lane keeps its
+    /// fenced epoch, whose batches the writer drops.
+    reloads_due: Vec<(LaneKey, u64, Instant)>,
 }
 
 impl State {
@@ -270,11 +274,19 @@ impl WeirContext {
                 },
             ));
         }
-        if state.paused {
-            // Newly assigned partitions start unpaused; keep the backpressure.
-            if let Err(err) = consumer.pause(tpl) {
-                tracing::warn!(error = %err, "cannot pause new partitions");
-            }
+        // librdkafka keeps an application pause on a partition's handle
+        // across unassign and assign: a partition revoked while paused comes
+        // back paused, and would never be fetched again if the consumer had
+        // resumed meanwhile. So every assigned partition is set explicitly
+        // to the consumer's current state: paused under backpressure, else
+        // resumed (resuming a partition that is not paused does nothing).
+        let applied = if state.paused {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(err) = applied {
+            tracing::warn!(error = %err, paused = state.paused, "cannot set the pause state of new partitions");
         }
         gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
         self.health.consumer_joined(true);
@@ -332,6 +344,11 @@ impl WeirContext {
             if let Err(err) = consumer.commit(&commits, CommitMode::Sync) {
                 tracing::debug!(error = %err, "commit on revoke failed");
             }
+        }
+        // Leave no application pause behind on a partition that goes away
+        // (see `assign`: librdkafka would keep it for the next assignment).
+        if let Err(err) = consumer.resume(tpl) {
+            tracing::debug!(error = %err, "cannot clear the pause of revoked partitions");
         }
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
@@ -465,6 +482,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             topics: HashMap::new(),
             pending_commits: HashMap::new(),
             paused: false,
+            reloads_due: Vec::new(),
         }),
         writers: writers.len(),
         in_flight: in_flight.clone(),
@@ -504,6 +522,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     while !shutdown.load(Ordering::Relaxed) {
         health.consumer_beat();
         serve_requests(&consumer, &requests, &mut requests_open);
+        retry_reloads(&consumer);
         let blocked = deliver_held(&consumer, &writers);
         // Backpressure: pause everything while over budget or blocked; resume
         // below half the budget (hysteresis keeps pause/resume from flapping).
@@ -646,9 +665,25 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         // Revoked or already reloaded since: nothing to do.
         _ => return,
     };
-    let stored = ctx
-        .load_stored(&topic, &[partition])
-        .and_then(|s| s.get(&partition).copied());
+    // Invariant: a lane's new epoch starts exactly where librdkafka will
+    // fetch next. Its first batch's compare-and-set starts from the stored
+    // offset; if librdkafka fetched from anywhere else, the batcher would
+    // take the difference for a gap (or a reset) and commit over it. So the
+    // new epoch starts only once the stored offset is read and the seek to
+    // it has succeeded; until then the lane stays in its fenced epoch, whose
+    // batches the writer drops, and the reload is tried again shortly.
+    let retry = |why: String| {
+        counter!(m::KAFKA_ERRORS, "kind" => "reload").increment(1);
+        tracing::warn!(topic = %topic, partition, epoch, error = %why, "lane reload failed; retrying in 1s");
+        ctx.state()
+            .reloads_due
+            .push((key.clone(), epoch, Instant::now() + Duration::from_secs(1)));
+    };
+    let Some(loaded) = ctx.load_stored(&topic, &[partition]) else {
+        retry("cannot read the stored offset".into());
+        return;
+    };
+    let stored = loaded.get(&partition).copied();
     if let Some(offset) = stored
         && let Err(err) = consumer.seek(
             &topic,
@@ -657,7 +692,8 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
             Duration::from_secs(10),
         )
     {
-        tracing::warn!(topic = %topic, partition, error = %err, "seek after fencing failed");
+        retry(format!("seek to {offset} failed: {err}"));
+        return;
     }
     let mut state = ctx.state();
     let new_epoch = state.next_epoch;
@@ -692,6 +728,28 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
             stored,
         },
     ));
+}
+
+/// Tries again the reloads that failed and are due.
+fn retry_reloads(consumer: &BaseConsumer<WeirContext>) {
+    let due: Vec<(LaneKey, u64)> = {
+        let mut state = consumer.context().state();
+        if state.reloads_due.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = state
+            .reloads_due
+            .drain(..)
+            .partition(|(_, _, at)| *at <= now);
+        state.reloads_due = later;
+        due.into_iter()
+            .map(|(key, epoch, _)| (key, epoch))
+            .collect()
+    };
+    for ((topic, partition), epoch) in due {
+        reload(consumer, topic, partition, epoch);
+    }
 }
 
 fn commit_pending(consumer: &BaseConsumer<WeirContext>) {

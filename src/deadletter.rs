@@ -97,9 +97,17 @@ impl DeadLetterTable {
         event: &Event,
         failed_at: i64,
     ) {
+        // Every field here is built by weir and encodes. Should one ever
+        // fail, it is written as NULL: a NOT NULL column then refuses the
+        // row, which stops the writer loudly (a schema-class error) instead
+        // of panicking it.
         let field = |buf: &mut BytesMut, ty: &PgType, input: Input<'_>| {
-            encode::write_field(buf, ty, input, TimeUnit::Seconds)
-                .expect("dead-letter fields are built by weir and should always encode")
+            let start = buf.len();
+            if let Err(err) = encode::write_field(buf, ty, input, TimeUnit::Seconds) {
+                tracing::error!(error = %err, "a dead-letter field did not encode; written as NULL");
+                buf.truncate(start);
+                encode::write_null(buf);
+            }
         };
         let text = |buf: &mut BytesMut, value: &str| {
             let clean = value.replace('\0', "\u{fffd}");
@@ -111,12 +119,20 @@ impl DeadLetterTable {
         text(buf, &event.topic);
         field(buf, &PgType::Int4, Input::Int(event.partition as i64));
         field(buf, &PgType::Int8, Input::Int(event.offset));
-        match event.timestamp_ms {
-            Some(ms) => field(
-                buf,
-                &PgType::Timestamptz,
-                Input::UnixMicros(ms.saturating_mul(1000)),
-            ),
+        // A Kafka timestamp timestamptz cannot hold is stored as NULL, and
+        // the message says what it was.
+        let mut timestamp_note = None;
+        match event
+            .timestamp_ms
+            .map(|ms| (ms, encode::kafka_timestamp_micros(ms)))
+        {
+            Some((_, Some(micros))) => field(buf, &PgType::Timestamptz, Input::UnixMicros(micros)),
+            Some((ms, None)) => {
+                timestamp_note = Some(format!(
+                    " [kafka timestamp {ms} ms is outside years 1 to 9999: kafka_timestamp is NULL]"
+                ));
+                encode::write_null(buf);
+            }
             None => encode::write_null(buf),
         }
         match &event.key {
@@ -143,7 +159,10 @@ impl DeadLetterTable {
         }
         text(buf, letter.stage.as_str());
         text(buf, &letter.code);
-        let message: String = letter.detail.chars().take(MAX_MESSAGE_CHARS).collect();
+        let mut message: String = letter.detail.chars().take(MAX_MESSAGE_CHARS).collect();
+        if let Some(note) = timestamp_note {
+            message.push_str(&note);
+        }
         text(buf, &message);
         field(buf, &PgType::Int4, Input::Int(1));
         let stored = self.store_payload(&event.payload);

@@ -408,6 +408,14 @@ fn to_f64(input: Input<'_>) -> Result<f64, FieldError> {
     }
 }
 
+/// A Kafka timestamp (Unix milliseconds) as Unix microseconds, or `None`
+/// when PostgreSQL's timestamptz cannot hold it (years outside 1..=9999; a
+/// producer that sends microseconds as milliseconds lands there).
+pub fn kafka_timestamp_micros(ms: i64) -> Option<i64> {
+    ms.checked_mul(1000)
+        .filter(|micros| (MIN_UNIX_MICROS..MAX_UNIX_MICROS).contains(micros))
+}
+
 /// Converts a timestamp to Unix microseconds. Numbers (and strings of
 /// digits) are epoch values in `unit`; other strings are RFC 3339, or
 /// `YYYY-MM-DD[ T]HH:MM:SS[.f]` without offset, read as UTC. Years outside

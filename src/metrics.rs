@@ -27,6 +27,7 @@ pub const PARTITIONS_DROPPED: &str = "weir_partitions_dropped_total";
 pub const RETRIES: &str = "weir_retries_total";
 pub const FENCED: &str = "weir_fenced_total";
 pub const OFFSET_GAPS: &str = "weir_offset_gaps_total";
+pub const OFFSET_RESETS: &str = "weir_offset_resets_total";
 pub const CONSUMER_LAG: &str = "weir_consumer_lag";
 pub const IN_FLIGHT_BYTES: &str = "weir_in_flight_bytes";
 pub const IN_FLIGHT_ROWS: &str = "weir_in_flight_rows";
@@ -56,6 +57,7 @@ pub const ALL: &[&str] = &[
     RETRIES,
     FENCED,
     OFFSET_GAPS,
+    OFFSET_RESETS,
     CONSUMER_LAG,
     IN_FLIGHT_BYTES,
     IN_FLIGHT_ROWS,
@@ -180,6 +182,11 @@ fn describe() {
         OFFSET_GAPS,
         Unit::Count,
         "Times a partition continued past missing offsets (compaction, transactions, retention)"
+    );
+    describe_counter!(
+        OFFSET_RESETS,
+        Unit::Count,
+        "Times a partition's log no longer held its position and reading restarted at the log's start"
     );
     describe_gauge!(
         CONSUMER_LAG,

@@ -11,6 +11,13 @@
 //! they can within `shutdown_grace_ms`; whatever is not committed by then is
 //! rolled back (a transaction is all or nothing) and will be read again by
 //! the partition's next owner.
+//!
+//! Writer tasks are supervised: a batcher or flusher that ends before
+//! shutdown (a panic, say) would leave its lanes dead while the consumer
+//! went on reading, so instead the whole process stops, loudly and with a
+//! non-zero exit. Nothing is lost: what the dead task held was never
+//! committed, and the partitions' next owner (this pod, restarted) reads it
+//! again from the stored offsets.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -189,6 +196,7 @@ pub async fn run(
         empty_events: config.pipeline.empty_events,
     });
     let (request_tx, request_rx) = std::sync::mpsc::channel();
+    let (died_tx, mut died_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut lane_senders = Vec::with_capacity(writers);
     let mut flushers = Vec::with_capacity(writers);
     let mut batchers = Vec::with_capacity(writers);
@@ -200,7 +208,9 @@ pub async fn run(
         lane_senders.push(lane_tx);
         // Recycled COPY buffers: at most one batch's worth per writer.
         let pool = crate::batch::BufferPool::new(config.pipeline.batch_max_bytes);
-        batchers.push(tokio::spawn(
+        batchers.push(tokio::spawn(supervised(
+            format!("writer {index} batcher"),
+            died_tx.clone(),
             Batcher {
                 decoder: decoder.clone(),
                 input: lane_rx,
@@ -212,7 +222,7 @@ pub async fn run(
                 pool: pool.clone(),
             }
             .run(),
-        ));
+        )));
         let mut flusher = Flusher::new(
             index,
             config.clone(),
@@ -225,9 +235,14 @@ pub async fn run(
             health.clone(),
         );
         flusher.pool = pool;
-        flushers.push(tokio::spawn(flusher.run(batch_rx)));
+        flushers.push(tokio::spawn(supervised(
+            format!("writer {index} flusher"),
+            died_tx.clone(),
+            flusher.run(batch_rx),
+        )));
     }
     drop(request_tx);
+    drop(died_tx);
 
     let http =
         match metrics {
@@ -287,9 +302,19 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     tokio::pin!(consumer_done_rx);
+    let mut died = None;
     let early = tokio::select! {
         _ = &mut shutdown => None,
         result = &mut consumer_done_rx => Some(result),
+        Some(why) = died_rx.recv() => {
+            tracing::error!(
+                task = %why,
+                "a writer task died: stopping weir so that its partitions are read again \
+                 (nothing it held was committed)"
+            );
+            died = Some(why);
+            None
+        }
     };
     tracing::info!("shutting down");
     health.shutting_down();
@@ -324,11 +349,38 @@ pub async fn run(
         http.abort();
         upkeep.abort();
     }
+    if let Some(why) = died {
+        return Err(StartError::Other(format!("a writer task died: {why}")));
+    }
     match consumer_result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(StartError::Kafka(err)),
         Err(_) => Err(StartError::Other("the consumer thread died".into())),
     }
+}
+
+/// Runs a writer task; when it ends, for whatever reason, says so on
+/// `died` (the pipeline listens only until shutdown starts, so only an end
+/// before shutdown counts as a death). A panic is caught here and reported
+/// with its message.
+async fn supervised<F>(name: String, died: tokio::sync::mpsc::UnboundedSender<String>, task: F)
+where
+    F: Future<Output = ()>,
+{
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+    let why = match outcome {
+        Ok(()) => format!("{name} ended"),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            format!("{name} panicked: {message}")
+        }
+    };
+    let _ = died.send(why);
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -346,5 +398,35 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_writer_task_that_panics_is_reported_with_its_message() {
+        let (died, mut deaths) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(supervised("writer 3 flusher".into(), died, async {
+            panic!("boom");
+        }));
+        task.await.expect("the supervisor catches the panic");
+        assert_eq!(
+            deaths.recv().await.as_deref(),
+            Some("writer 3 flusher panicked: boom")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_task_that_returns_is_reported_too() {
+        let (died, mut deaths) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(supervised("writer 0 batcher".into(), died, async {}))
+            .await
+            .expect("task");
+        assert_eq!(
+            deaths.recv().await.as_deref(),
+            Some("writer 0 batcher ended")
+        );
     }
 }

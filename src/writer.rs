@@ -42,6 +42,9 @@ use crate::metrics as m;
 use crate::offsets::{AdvanceStatements, OffsetStore};
 use crate::partition::{Leaf, ManagedTable, PartitionError};
 
+/// Offset gaps are logged at most this often per lane (always counted).
+const GAP_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// Largest CopyData message sent at once.
 const COPY_CHUNK_BYTES: usize = 256 * 1024;
 
@@ -67,6 +70,9 @@ struct Lane {
     charged: usize,
     oldest: Option<Instant>,
     decode_time: Duration,
+    /// When a gap was last logged, and offsets missed since.
+    gap_warned: Option<Instant>,
+    gap_offsets: u64,
 }
 
 impl Lane {
@@ -89,6 +95,8 @@ impl Lane {
             charged: 0,
             oldest: None,
             decode_time: Duration::ZERO,
+            gap_warned: None,
+            gap_offsets: 0,
         }
     }
 
@@ -218,20 +226,54 @@ impl Batcher {
                         continue;
                     };
                     if let Some(position) = lane.position {
-                        // Below the position: already in PostgreSQL (or in a
-                        // batch on its way there). Never written twice.
                         if event.offset < position {
-                            self.in_flight.release(charged);
-                            continue;
-                        }
-                        if event.offset > position {
+                            // Within one epoch librdkafka delivers a
+                            // partition's offsets in increasing order; it
+                            // goes back only when it resets a position the
+                            // log no longer holds (the topic was deleted and
+                            // recreated, or the log truncated by an unclean
+                            // leader election) to the log's start. Those
+                            // offsets now hold *other* records than the ones
+                            // weir wrote under them: they are written, never
+                            // skipped. What the lane holds is cut first (it
+                            // ends at `position`); the next batch then moves
+                            // the stored offset back, by the same
+                            // compare-and-set as any other batch.
+                            counter!(m::OFFSET_RESETS, "topic" => event.topic.to_string())
+                                .increment(1);
+                            tracing::warn!(
+                                topic = %event.topic, partition = event.partition,
+                                stored = ?lane.prev, expected = position, got = event.offset,
+                                "offset reset: the log no longer holds this partition's position \
+                                 (topic recreated or log truncated); writing what it holds from \
+                                 its new start"
+                            );
+                            if let Some(batch) = lane.cut() {
+                                self.send(batch).await;
+                            }
+                        } else if event.offset > position {
                             counter!(m::OFFSET_GAPS, "topic" => event.topic.to_string())
                                 .increment(1);
-                            tracing::debug!(
-                                topic = %event.topic, partition = event.partition,
-                                expected = position, got = event.offset,
-                                "offset gap (compaction, transaction markers or retention)"
-                            );
+                            // A warning, at most once a minute per lane:
+                            // compacted topics and transaction markers make
+                            // gaps all the time, retention only when records
+                            // were deleted before weir read them.
+                            lane.gap_offsets += (event.offset - position) as u64;
+                            if lane
+                                .gap_warned
+                                .is_none_or(|at| at.elapsed() >= GAP_WARNING_EVERY)
+                            {
+                                tracing::warn!(
+                                    topic = %event.topic, partition = event.partition,
+                                    expected = position, got = event.offset,
+                                    missing_offsets = lane.gap_offsets,
+                                    "offsets missing: expected on a compacted topic or after \
+                                     transaction markers; otherwise records were deleted before \
+                                     weir read them"
+                                );
+                                lane.gap_warned = Some(Instant::now());
+                                lane.gap_offsets = 0;
+                            }
                         }
                     }
                     // Cut before an event that would likely carry the batch
@@ -311,6 +353,18 @@ impl Failure {
 
     fn from_partition(err: PartitionError) -> Failure {
         match err {
+            // No row of the batch is at fault when a partition cannot be
+            // made: a data-class error here (23514 when a DEFAULT partition
+            // added since start-up already holds rows of the new range) is
+            // the schema's, and stops the writer until it is fixed.
+            PartitionError::Db(err) if db::classify(&err) == ErrorClass::Row => {
+                Failure::Schema(format!(
+                    "cannot create a partition: {} (a DEFAULT partition holding rows of the new \
+                     range blocks ATTACH; move those rows out, or restart weir to write to the \
+                     DEFAULT partition)",
+                    db::describe(&err)
+                ))
+            }
             PartitionError::Db(err) => Failure::from_db(&err),
             other => Failure::Transient {
                 cause: "partition",
@@ -575,7 +629,18 @@ impl Flusher {
                         let _ = self.connect().await;
                     }
                 }
-                Err(Failure::Row) => unreachable!("row failures are handled inside attempt"),
+                Err(Failure::Row) => {
+                    // `attempt` turns row failures into dead letters or a
+                    // schema error; this arm is kept total so no path can
+                    // panic a writer.
+                    tracing::error!(
+                        writer = self.index, topic = %batch.topic, partition = batch.partition,
+                        "a row-level failure escaped isolation; retrying the batch"
+                    );
+                    m::retry("row");
+                    tokio::time::sleep(backoff.next_backoff().unwrap_or(Duration::from_secs(30)))
+                        .await;
+                }
             }
         }
     }
@@ -612,7 +677,7 @@ impl Flusher {
         for (table, event_time, kafka_ms) in written.latencies {
             let (from_kafka, from_event) = self.latency_histograms(table);
             if let Some(ms) = kafka_ms {
-                from_kafka.record((now - ms * 1000).max(0) as f64 / 1e6);
+                from_kafka.record(now.saturating_sub(ms.saturating_mul(1000)).max(0) as f64 / 1e6);
             }
             from_event.record((now - event_time).max(0) as f64 / 1e6);
         }
@@ -655,8 +720,22 @@ impl Flusher {
                     topic = %batch.topic, partition = batch.partition, rows = batch.rows,
                     "a row was refused by PostgreSQL; isolating bad rows"
                 );
-                self.transaction(batch, &parts, &dead_letter_leaf, failed_at, true)
+                match self
+                    .transaction(batch, &parts, &dead_letter_leaf, failed_at, true)
                     .await
+                {
+                    // The careful pass checks every constraint per COPY
+                    // (deferred ones included), so nothing row-level is
+                    // left for COMMIT to refuse. If PostgreSQL still
+                    // refuses the commit, no row can be blamed: stop and
+                    // say so rather than guess.
+                    Err(Failure::Row) => Err(Failure::Schema(
+                        "PostgreSQL refused the batch's commit although every row was accepted \
+                         on its own (a constraint trigger that cannot be checked per statement?)"
+                            .into(),
+                    )),
+                    other => other,
+                }
             }
             other => other,
         }
@@ -869,6 +948,15 @@ impl Flusher {
             .transaction()
             .await
             .map_err(|err| Failure::from_db(&err))?;
+        if careful {
+            // Deferred constraints are checked at COMMIT, where a failure
+            // names no row. The careful pass checks them at the end of each
+            // COPY instead, so bisection can find the rows they refuse.
+            transaction
+                .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+                .await
+                .map_err(|err| Failure::from_db(&err))?;
+        }
         // Fencing first. The compare-and-set moves the stored offset from
         // exactly where this batch starts; if another consumer got there
         // first it matches nothing and nothing is written. The updated row

@@ -346,3 +346,101 @@ async fn pausing_and_resuming_inside_batches_is_exactly_once() {
 
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
+
+/// The metric `name` (summed over its labels) from a scrape.
+fn scraped(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(port: u16, name: &str) -> f64 {
+    scraped(&common::http_get(port, "/metrics").await.1, name)
+}
+
+/// Backpressure pauses every partition; a second pod joins and takes half
+/// of them while they are paused; the first pod resumes its own half; the
+/// second pod leaves and its half comes back. librdkafka keeps an
+/// application pause on a partition across unassign and assign, so the
+/// returning half must be resumed explicitly. Before: it stayed paused for
+/// good, and the records sent to it afterwards were never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("repause", 4).await;
+    let s = db.schema.clone();
+    let (mut first, mut second) = common::generate(
+        Shape {
+            seed: 93,
+            ..Shape::default()
+        },
+        8_200,
+    )
+    .split(8_000);
+    let target = common::produce(&topics, &mut first).await;
+    let dir = test_dir("repause");
+    let pod = |port: u16| {
+        let mut table: toml::Table = toml::from_str(&small_batches(
+            common::config_text(&db.schema, &topics, &group, ""),
+            port,
+        ))
+        .expect("config");
+        let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
+        pipeline.insert("max_event_bytes".into(), 1_048_576.into());
+        pipeline.insert("max_in_flight_bytes".into(), 2_097_152.into());
+        pipeline.insert("shutdown_grace_ms".into(), 5_000.into());
+        toml::to_string(&table).expect("config")
+    };
+
+    // Writers cannot commit while the offsets table is locked: the first
+    // pod fills its in-flight budget and pauses.
+    let mut locker = common::connect(&common::stack().database_url).await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute(&format!(
+        "LOCK TABLE \"{s}\".weir_offsets IN EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("lock the offsets table");
+    let (a_port, b_port) = (common::free_port(), common::free_port());
+    let mut a = Weir::start(&dir, "a", &pod(a_port));
+    common::eventually("the first pod pauses", Duration::from_secs(60), || async {
+        scrape(a_port, "weir_paused_partitions").await > 0.0
+    })
+    .await;
+    // The second pod joins: the group moves partitions while they are paused.
+    let mut b = Weir::start(&dir, "b", &pod(b_port));
+    common::eventually(
+        "the second pod gets partitions",
+        Duration::from_secs(60),
+        || async { scrape(b_port, "weir_assigned_partitions").await > 0.0 },
+    )
+    .await;
+    lock.rollback().await.expect("unlock");
+    wait_until_stored(&db, &group, target).await;
+    common::eventually("the first pod resumed", Duration::from_secs(60), || async {
+        scrape(a_port, "weir_paused_partitions").await == 0.0
+    })
+    .await;
+    // The second pod leaves: every partition returns to the first.
+    assert!(b.terminate().success(), "{}", b.log());
+    common::eventually(
+        "the first pod owns every partition",
+        Duration::from_secs(60),
+        || async { scrape(a_port, "weir_assigned_partitions").await == 8.0 },
+    )
+    .await;
+    // Well under the in-flight budget: no new pause and resume that would
+    // happen to clear a stale pause.
+    common::produce(&topics, &mut second).await;
+    let all = first.join(second);
+    wait_until_stored(&db, &group, all.target()).await;
+    assert!(a.terminate().success(), "{}", a.log());
+    common::assert_exactly_once(&db, &all, &topics).await;
+}

@@ -293,8 +293,13 @@ impl Sent {
 /// offset + 1): the stored offsets weir must reach. (Delivery reports are
 /// used because tansu's ListOffsets answers are not reliable.)
 pub async fn produce(topics: &Topics, sent: &mut Sent) -> i64 {
+    produce_to(&stack().brokers, topics, sent).await
+}
+
+/// `produce` to the brokers at `brokers` (librdkafka's mock cluster, say).
+pub async fn produce_to(brokers: &str, topics: &Topics, sent: &mut Sent) -> i64 {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack().brokers)
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
@@ -508,6 +513,44 @@ async fn pair(db: &TestDb, sql: &str) -> (i64, i64) {
         .await
         .unwrap_or_else(|err| panic!("{sql}: {err}"));
     (row.get(0), row.get(1))
+}
+
+impl Sent {
+    /// The first `count` events, and the rest (sent in two rounds).
+    pub fn split(self, count: usize) -> (Sent, Sent) {
+        let mut events = self.events;
+        let rest = events.split_off(count);
+        (
+            Sent {
+                events,
+                delivered: Vec::new(),
+            },
+            Sent {
+                events: rest,
+                delivered: Vec::new(),
+            },
+        )
+    }
+
+    /// The stored offsets weir must reach for every delivered event: the
+    /// sum over partitions of (last delivered offset + 1).
+    pub fn target(&self) -> i64 {
+        let mut ends: HashMap<(&str, i32), i64> = HashMap::new();
+        for (event, position) in self.events.iter().zip(&self.delivered) {
+            let (partition, offset) = position.expect("delivered");
+            let end = ends.entry((event.topic, partition)).or_default();
+            *end = (*end).max(offset + 1);
+        }
+        ends.values().sum()
+    }
+
+    /// Both rounds, as one run.
+    pub fn join(self, other: Sent) -> Sent {
+        Sent {
+            events: self.events.into_iter().chain(other.events).collect(),
+            delivered: self.delivered.into_iter().chain(other.delivered).collect(),
+        }
+    }
 }
 
 /// Generates `count` events with `shape`.

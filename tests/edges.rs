@@ -1,0 +1,409 @@
+//! Exactly-once at the edges: inputs and schema changes that once panicked
+//! a writer, and Kafka positions that once made weir skip records without a
+//! word. Each test failed before its fix.
+
+mod common;
+
+use std::time::Duration;
+
+use common::webhooks::Shape;
+use common::{Fixture, Running, TestDb, Topics};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+
+/// The stored offset of one partition of `group`.
+async fn stored_at(db: &TestDb, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    db.client
+        .query_opt(
+            &format!(
+                "SELECT next_offset FROM \"{}\".weir_offsets
+                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+                db.schema
+            ),
+            &[&group, &topic, &partition],
+        )
+        .await
+        .expect("read offsets")
+        .map(|row| row.get(0))
+}
+
+/// Sends a generated event with an explicit Kafka timestamp (CreateTime).
+async fn send_with_timestamp(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    event: &common::webhooks::Produced,
+    timestamp_ms: Option<i64>,
+) -> (i32, i64) {
+    let mut headers = OwnedHeaders::new();
+    for (name, value) in &event.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut record = FutureRecord::to(topic)
+        .key(event.key.as_bytes())
+        .payload(&event.payload)
+        .headers(headers);
+    if let Some(ms) = timestamp_ms {
+        record = record.timestamp(ms);
+    }
+    let delivery = producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(err, _)| err)
+        .expect("delivered");
+    (delivery.partition, delivery.offset)
+}
+
+/// A producer that sends microseconds as milliseconds stamps a message in
+/// the year 55,000. The event's webhook_logs row (whose time is the Kafka
+/// timestamp) becomes a dead letter, and the dead letter itself records the
+/// timestamp as NULL with the reason. Before: encoding that dead letter
+/// panicked the writer, and no later event of its partitions was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("farts", 1).await;
+    let s = db.schema.clone();
+    let mut sent = common::generate(
+        Shape {
+            seed: 91,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        21,
+    );
+    let producer = common::producer();
+    let topic = topics.webhooks();
+    let microseconds_as_millis = 1_700_000_000_000_000i64;
+    for (index, event) in sent.events.iter().enumerate() {
+        let timestamp = (index == 0).then_some(microseconds_as_millis);
+        let position = send_with_timestamp(&producer, &topic, event, timestamp).await;
+        sent.delivered.push(Some(position));
+    }
+    // Every table takes `received_at` from the Kafka timestamp: each row
+    // of the first event is a dead letter; the 20 others are written.
+    let bad_rows = std::mem::take(&mut sent.events[0].rows);
+    assert!(bad_rows.len() >= 2, "the first event carries several rows");
+    for row in &bad_rows {
+        sent.events[0]
+            .dead_letters
+            .push(common::webhooks::ExpectedDeadLetter {
+                table: Some(row.table),
+                stage: "validate",
+                code: "out_of_range",
+            });
+    }
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, 21, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    let letters = db
+        .client
+        .query(
+            &format!("SELECT kafka_timestamp IS NULL, message FROM \"{s}\".weir_dead_letters"),
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), bad_rows.len());
+    for letter in &letters {
+        let (null_timestamp, message): (bool, String) = (letter.get(0), letter.get(1));
+        println!("dead letter: {message}");
+        assert!(
+            null_timestamp,
+            "the unrepresentable timestamp is stored as NULL"
+        );
+        assert!(
+            message.contains(&format!(
+                "kafka timestamp {microseconds_as_millis} ms is outside years 1 to 9999"
+            )),
+            "the message says why: {message}"
+        );
+    }
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}
+
+/// A table with a constraint PostgreSQL checks only at COMMIT
+/// (`DEFERRABLE INITIALLY DEFERRED`): the batch's commit fails with no row
+/// named. The careful pass checks constraints per COPY, isolates the rows
+/// the constraint refuses and writes the rest. Before: the careful pass hit
+/// the same failure at COMMIT and the writer panicked (`unreachable!`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_deferred_constraint_refuses_at_commit_become_dead_letters() {
+    let db = TestDb::new("deferred").await;
+    let topics = Topics::new("deferred");
+    let topic = topics.name("events");
+    common::create_topics(std::slice::from_ref(&topic), 1).await;
+    let group = common::unique("g");
+    db.client
+        .batch_execute(
+            "CREATE TABLE deferred_events (
+                 id bigint NOT NULL,
+                 body text NOT NULL,
+                 created_at timestamptz NOT NULL
+             ) PARTITION BY RANGE (created_at);
+             CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.body = 'poison' THEN
+                     RAISE EXCEPTION 'poison row %', NEW.id USING ERRCODE = 'check_violation';
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER no_poison AFTER INSERT ON deferred_events
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+        )
+        .await
+        .expect("table with a deferred constraint");
+    let extra = format!(
+        r#"
+[[tables]]
+name = "deferred_events"
+time_column = "created_at"
+granularity = "month"
+[[tables.sources]]
+topics = ["{topic}"]
+[tables.sources.columns]
+id = {{ item = "/id" }}
+body = {{ item = "/body" }}
+created_at = {{ item = "/at" }}
+"#
+    );
+    let mut config = common::config(&db.schema, &topics, &group, &extra);
+    config.tables.retain(|t| t.name == "deferred_events");
+    config.pipeline.batch_max_rows = 1_000;
+    config.pipeline.batch_linger_ms = 2_000;
+    db.migrate(&config).await;
+
+    let bad = [17u64, 400];
+    let now = chrono::Utc::now().to_rfc3339();
+    let producer = common::producer();
+    for id in 0..500u64 {
+        let body = if bad.contains(&id) { "poison" } else { "fine" };
+        let payload = serde_json::json!({"id": id, "body": body, "at": now}).to_string();
+        common::send(&producer, &topic, b"k", &[], Some(payload.as_bytes())).await;
+    }
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, 500, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    let s = &db.schema;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(DISTINCT id) FROM \"{s}\".deferred_events"
+        ))
+        .await,
+        498
+    );
+    let dead: Vec<(String, String, i64)> = db
+        .client
+        .query(
+            &format!(
+                "SELECT stage, code, kafka_offset FROM \"{s}\".weir_dead_letters ORDER BY kafka_offset"
+            ),
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        dead,
+        vec![
+            ("write".to_string(), "23514".to_string(), 17),
+            ("write".to_string(), "23514".to_string(), 400)
+        ]
+    );
+}
+
+/// Someone adds a DEFAULT partition while weir runs and it already holds
+/// rows of next month: creating next month's partition then fails with
+/// 23514 at ATTACH. No row of the batch is at fault: the writer stops and
+/// says why (readiness 503), nothing is dead-lettered, the stored offsets
+/// hold still; once the rows are moved out it writes everything. Before:
+/// the failure reached an `unreachable!` and panicked the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_partition_blocking_attach_stops_the_writer_until_fixed() {
+    let db = TestDb::new("defattach").await;
+    let topics = Topics::new("defattach");
+    let topic = topics.name("events");
+    common::create_topics(std::slice::from_ref(&topic), 1).await;
+    let group = common::unique("g");
+    db.client
+        .batch_execute(
+            "CREATE TABLE plain_events (
+                 id bigint NOT NULL,
+                 created_at timestamptz NOT NULL
+             ) PARTITION BY RANGE (created_at);",
+        )
+        .await
+        .expect("table");
+    let extra = format!(
+        r#"
+[[tables]]
+name = "plain_events"
+time_column = "created_at"
+granularity = "day"
+premake = 0
+[[tables.sources]]
+topics = ["{topic}"]
+[tables.sources.columns]
+id = {{ item = "/id" }}
+created_at = {{ item = "/at" }}
+"#
+    );
+    let mut config = common::config(&db.schema, &topics, &group, &extra);
+    config.tables.retain(|t| t.name == "plain_events");
+    config.maintenance.enabled = false;
+    db.migrate(&config).await;
+    let s = db.schema.clone();
+    let running = Running::start(config);
+    common::eventually("ready", Duration::from_secs(30), || async {
+        running.get("/readyz").await.0 == 200
+    })
+    .await;
+
+    // Added behind weir's back, with a row of the day the event will need.
+    let day = chrono::Utc::now() - chrono::Duration::days(2);
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE \"{s}\".plain_events_default PARTITION OF \"{s}\".plain_events DEFAULT;
+             INSERT INTO \"{s}\".plain_events VALUES (-1, '{}');",
+            day.to_rfc3339()
+        ))
+        .await
+        .expect("default partition holding a row");
+    let producer = common::producer();
+    let payload = serde_json::json!({"id": 1, "at": day.to_rfc3339()}).to_string();
+    common::send(&producer, &topic, b"k", &[], Some(payload.as_bytes())).await;
+
+    common::eventually(
+        "not ready, naming the cause",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = running.get("/readyz").await;
+            status == 503 && body.contains("DEFAULT partition")
+        },
+    )
+    .await;
+    let (_, reason) = running.get("/readyz").await;
+    println!("readyz while blocked: {}", reason.trim());
+    let offsets_sql =
+        format!("SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{s}\".weir_offsets");
+    let first = db.count(&offsets_sql).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        db.count(&offsets_sql).await,
+        first,
+        "offsets hold still while stopped"
+    );
+    assert_eq!(first, 0, "the event is not committed");
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM \"{s}\".weir_dead_letters"))
+            .await,
+        0,
+        "nothing dead-lettered"
+    );
+
+    // The fix: the DEFAULT partition goes.
+    db.client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".plain_events DETACH PARTITION \"{s}\".plain_events_default"
+        ))
+        .await
+        .expect("detach the default partition");
+    common::wait_for_offsets(&db, &group, 1, Duration::from_secs(60)).await;
+    running.stop().await;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM \"{s}\".plain_events WHERE id = 1"
+        ))
+        .await,
+        1
+    );
+}
+
+/// weir's metrics in this test binary (the process-wide recorder: an
+/// in-process `Running` serves a recorder of its own, which the pipeline's
+/// metrics do not reach).
+fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static RECORDER: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    RECORDER.get_or_init(|| weir::metrics::install().expect("metrics recorder"))
+}
+
+/// The metric `name` (no labels, or summed over them) from a scrape.
+fn scraped(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The topic was deleted and recreated (or its log truncated) after weir
+/// stored offset 30: the log now ends at 10. Kafka answers a fetch at 30
+/// with OFFSET_OUT_OF_RANGE, librdkafka resets to the log's start, and the
+/// 10 new records arrive below weir's position. They are new records: weir
+/// writes them, moves the stored offset back to 10, and counts and logs the
+/// reset. Before: they were dropped as "already written", without a word.
+/// (librdkafka's mock cluster answers out-of-range fetches as Kafka does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_log_end_restarts_at_the_log_start_and_writes_it() {
+    let recorder = recorder();
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::without_topics("reset").await;
+    for name in [topics.webhooks(), topics.chat()] {
+        mock.create_topic(&name, 1, 1).expect("mock topic");
+    }
+    config.kafka.brokers = mock.bootstrap_servers();
+    db.client
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, 0, 30)",
+                db.schema
+            ),
+            &[&group, &topics.webhooks()],
+        )
+        .await
+        .expect("the offset stored before the topic was recreated");
+    let mut sent = common::generate(
+        Shape {
+            seed: 92,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        10,
+    );
+    common::produce_to(&mock.bootstrap_servers(), &topics, &mut sent).await;
+
+    let running = Running::start(config);
+    let webhooks = topics.webhooks();
+    common::eventually(
+        "the stored offset moves to the new log's end",
+        Duration::from_secs(60),
+        || async { stored_at(&db, &group, &webhooks, 0).await == Some(10) },
+    )
+    .await;
+    running.stop().await;
+    let resets = scraped(&recorder.render(), "weir_offset_resets_total");
+    println!("offset resets: {resets}");
+    assert!(resets >= 1.0, "the reset is counted");
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}
