@@ -338,19 +338,6 @@ fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     RECORDER.get_or_init(|| weir::metrics::install().expect("metrics recorder"))
 }
 
-/// The metric `name` (no labels, or summed over them) from a scrape.
-fn scraped(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The topic was deleted and recreated (or its log truncated) after weir
 /// stored offset 30: the log now ends at 10. Kafka answers a fetch at 30
 /// with OFFSET_OUT_OF_RANGE, librdkafka resets to the log's start, and the
@@ -402,7 +389,7 @@ async fn a_stored_offset_past_the_log_end_restarts_at_the_log_start_and_writes_i
     )
     .await;
     running.stop().await;
-    let resets = scraped(&recorder.render(), "weir_offset_resets_total");
+    let resets = common::scraped(&recorder.render(), "weir_offset_resets_total");
     println!("offset resets: {resets}");
     assert!(resets >= 1.0, "the reset is counted");
     common::assert_exactly_once(&db, &sent, &topics).await;

@@ -131,6 +131,17 @@ fn small_batches(text: String, port: u16) -> String {
     toml::to_string(&table).expect("config")
 }
 
+/// `small_batches` with a 2 MiB in-flight budget: a consumer with a backlog
+/// pauses and resumes its partitions again and again.
+fn small_budget(text: String, port: u16) -> String {
+    let mut table: toml::Table = toml::from_str(&small_batches(text, port)).expect("config");
+    let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
+    pipeline.insert("max_event_bytes".into(), 1_048_576.into());
+    pipeline.insert("max_in_flight_bytes".into(), 2_097_152.into());
+    pipeline.insert("shutdown_grace_ms".into(), 5_000.into());
+    toml::to_string(&table).expect("config")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_then_restart_is_exactly_once() {
     let Fixture {
@@ -318,25 +329,13 @@ async fn pausing_and_resuming_inside_batches_is_exactly_once() {
     // the writers and pauses every partition, several times; each resume
     // fetches from a lane's next offset, inside one of the producer's
     // batches (librdkafka drops what it prefetched when it pauses).
-    let mut table: toml::Table = toml::from_str(&small_batches(
-        common::config_text(&db.schema, &topics, &group, ""),
-        port,
-    ))
-    .expect("config");
-    let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
-    pipeline.insert("max_event_bytes".into(), 1_048_576.into());
-    pipeline.insert("max_in_flight_bytes".into(), 2_097_152.into());
-    let text = toml::to_string(&table).expect("config");
+    let text = small_budget(common::config_text(&db.schema, &topics, &group, ""), port);
 
     let mut weir = Weir::start(&dir, "paused", &text);
     wait_until_stored(&db, &group, target).await;
     let (status, metrics) = common::http_get(port, "/metrics").await;
     assert_eq!(status, 200, "metrics endpoint");
-    let pauses: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("weir_backpressure_pauses_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0);
+    let pauses = common::scraped(&metrics, "weir_backpressure_pauses_total");
     assert!(weir.terminate().success(), "{}", weir.log());
     println!("backpressure pauses: {pauses}");
     assert!(
@@ -347,21 +346,8 @@ async fn pausing_and_resuming_inside_batches_is_exactly_once() {
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
 
-/// The metric `name` (summed over its labels) from a scrape.
-fn scraped(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn scrape(port: u16, name: &str) -> f64 {
-    scraped(&common::http_get(port, "/metrics").await.1, name)
+    common::scraped(&common::http_get(port, "/metrics").await.1, name)
 }
 
 /// Backpressure pauses every partition; a second pod joins and takes half
@@ -386,18 +372,7 @@ async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
     .split(8_000);
     let target = common::produce(&topics, &mut first).await;
     let dir = test_dir("repause");
-    let pod = |port: u16| {
-        let mut table: toml::Table = toml::from_str(&small_batches(
-            common::config_text(&db.schema, &topics, &group, ""),
-            port,
-        ))
-        .expect("config");
-        let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
-        pipeline.insert("max_event_bytes".into(), 1_048_576.into());
-        pipeline.insert("max_in_flight_bytes".into(), 2_097_152.into());
-        pipeline.insert("shutdown_grace_ms".into(), 5_000.into());
-        toml::to_string(&table).expect("config")
-    };
+    let pod = |port: u16| small_budget(common::config_text(&db.schema, &topics, &group, ""), port);
 
     // Writers cannot commit while the offsets table is locked: the first
     // pod fills its in-flight budget and pauses.

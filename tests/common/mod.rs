@@ -696,3 +696,17 @@ pub async fn send(
         .expect("delivered")
         .offset
 }
+
+/// The metric `name` from a Prometheus scrape, summed over its labels (0
+/// when it is not there).
+pub fn scraped(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
