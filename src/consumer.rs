@@ -12,11 +12,12 @@
 //! (read before a revoke or a re-seek) from a current one.
 //!
 //! Memory is bounded: events taken from Kafka are charged to an in-flight
-//! budget until their batch commits. Over the budget, or when a writer's
-//! queue is full, every assigned partition is paused, and polling continues
-//! (to serve rebalances and heartbeats) until the writers catch up.
+//! budget until their batch commits. Over the budget every assigned
+//! partition is paused; when one writer's queue is full, only that writer's
+//! partitions are (a stuck writer does not stall the others). Polling
+//! continues meanwhile, to serve rebalances and heartbeats.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -138,12 +139,18 @@ struct Lane {
 struct State {
     lanes: HashMap<LaneKey, Lane>,
     next_epoch: u64,
-    /// Events that could not be handed to a writer yet, in order.
-    held: VecDeque<(usize, LaneEvent)>,
+    /// Events that could not be handed to their writer yet, per writer, in
+    /// order (a lane always has the same writer, so its order is kept).
+    held: Vec<VecDeque<LaneEvent>>,
     topics: HashMap<String, Arc<str>>,
     /// Offsets committed in PostgreSQL and not yet in Kafka.
     pending_commits: HashMap<LaneKey, (u64, i64)>,
-    paused: bool,
+    /// Over the in-flight budget: every partition is paused.
+    over_budget: bool,
+    /// Writers whose queue is full: their partitions are paused.
+    blocked: Vec<bool>,
+    /// Partitions weir has paused (and must resume).
+    paused: HashSet<LaneKey>,
     /// Fenced lanes whose reload (read the stored offset, seek there) has
     /// failed, with when to try again. Until it succeeds the lane keeps its
     /// fenced epoch, whose batches the writer drops.
@@ -151,6 +158,11 @@ struct State {
 }
 
 impl State {
+    /// Whether the lanes of `writer` should be paused now.
+    fn should_pause(&self, writer: usize) -> bool {
+        self.over_budget || self.blocked.get(writer).copied().unwrap_or(false)
+    }
+
     fn intern(&mut self, topic: &str) -> Arc<str> {
         if let Some(interned) = self.topics.get(topic) {
             return interned.clone();
@@ -250,6 +262,12 @@ impl WeirContext {
             counter!(m::KAFKA_ERRORS, "kind" => "assign").increment(1);
         }
         let mut state = self.state();
+        let (mut to_pause, mut to_resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        let protocol = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => "cooperative",
+            RebalanceProtocol::Eager => "eager",
+            RebalanceProtocol::None => "none",
+        };
         for (topic, partition, stored) in announced {
             let topic = state.intern(&topic);
             let epoch = state.next_epoch;
@@ -263,31 +281,44 @@ impl WeirContext {
                     stored,
                 },
             );
-            tracing::info!(topic = %topic, partition, epoch, stored = ?stored, "partition assigned");
-            state.held.push_back((
-                writer,
-                LaneEvent::Assigned {
-                    topic,
-                    partition,
-                    epoch,
-                    stored,
-                },
-            ));
+            tracing::info!(
+                topic = %topic, partition, epoch, stored = ?stored, protocol, "partition assigned"
+            );
+            // librdkafka keeps an application pause on a partition's handle
+            // across unassign and assign: a partition revoked while paused
+            // comes back paused, and would never be fetched again if weir
+            // had resumed meanwhile. So every assigned partition is set
+            // explicitly to what backpressure wants now: paused, or resumed
+            // (resuming a partition that is not paused does nothing).
+            let key = (topic.clone(), partition);
+            if state.should_pause(writer) {
+                let _ = to_pause.add_partition(&topic, partition);
+                state.paused.insert(key);
+            } else {
+                let _ = to_resume.add_partition(&topic, partition);
+                state.paused.remove(&key);
+            }
+            state.held[writer].push_back(LaneEvent::Assigned {
+                topic,
+                partition,
+                epoch,
+                stored,
+            });
         }
-        // librdkafka keeps an application pause on a partition's handle
-        // across unassign and assign: a partition revoked while paused comes
-        // back paused, and would never be fetched again if the consumer had
-        // resumed meanwhile. So every assigned partition is set explicitly
-        // to the consumer's current state: paused under backpressure, else
-        // resumed (resuming a partition that is not paused does nothing).
-        let applied = if state.paused {
-            consumer.pause(tpl)
-        } else {
-            consumer.resume(tpl)
-        };
-        if let Err(err) = applied {
-            tracing::warn!(error = %err, paused = state.paused, "cannot set the pause state of new partitions");
+        for (list, pause) in [(&to_pause, true), (&to_resume, false)] {
+            if list.count() == 0 {
+                continue;
+            }
+            let applied = if pause {
+                consumer.pause(list)
+            } else {
+                consumer.resume(list)
+            };
+            if let Err(err) = applied {
+                tracing::warn!(error = %err, pause, "cannot set the pause state of new partitions");
+            }
         }
+        gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
         gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
         self.health.consumer_joined(true);
     }
@@ -315,27 +346,17 @@ impl WeirContext {
                     );
                 }
                 // Drop what is still held for the lane: the next owner reads it again.
-                let mut released = 0;
-                state.held.retain(|(_, event)| match event {
-                    LaneEvent::Message { event, charged, .. }
-                        if *event.topic == *topic && event.partition == elem.partition() =>
-                    {
-                        released += charged;
-                        false
-                    }
-                    _ => true,
-                });
+                let released = drop_held(&mut state.held[lane.writer], &topic, elem.partition());
                 self.in_flight.release(released);
+                state.paused.remove(&key);
                 tracing::info!(topic = %topic, partition = elem.partition(), lost, "partition revoked");
-                state.held.push_back((
-                    lane.writer,
-                    LaneEvent::Revoked {
-                        topic,
-                        partition: elem.partition(),
-                        epoch: lane.epoch,
-                    },
-                ));
+                state.held[lane.writer].push_back(LaneEvent::Revoked {
+                    topic,
+                    partition: elem.partition(),
+                    epoch: lane.epoch,
+                });
             }
+            gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
             gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
         }
         if commits.count() > 0 {
@@ -478,10 +499,12 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         state: Mutex::new(State {
             lanes: HashMap::new(),
             next_epoch: 1,
-            held: VecDeque::new(),
+            held: (0..writers.len()).map(|_| VecDeque::new()).collect(),
             topics: HashMap::new(),
             pending_commits: HashMap::new(),
-            paused: false,
+            over_budget: false,
+            blocked: vec![false; writers.len()],
+            paused: HashSet::new(),
             reloads_due: Vec::new(),
         }),
         writers: writers.len(),
@@ -524,36 +547,9 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         serve_requests(&consumer, &requests, &mut requests_open);
         retry_reloads(&consumer);
         let blocked = deliver_held(&consumer, &writers);
-        // Backpressure: pause everything while over budget or blocked; resume
-        // below half the budget (hysteresis keeps pause/resume from flapping).
-        {
-            let ctx = consumer.context();
-            let mut state = ctx.state();
-            let over = in_flight.get() > max_in_flight;
-            if (over || blocked) && !state.paused {
-                if let Ok(assignment) = consumer.assignment()
-                    && consumer.pause(&assignment).is_ok()
-                {
-                    state.paused = true;
-                    gauge!(m::PAUSED_PARTITIONS).set(assignment.count() as f64);
-                    counter!(m::BACKPRESSURE_PAUSES).increment(1);
-                    tracing::debug!(
-                        in_flight_bytes = in_flight.get(),
-                        blocked,
-                        "partitions paused for backpressure"
-                    );
-                }
-            } else if state.paused
-                && !blocked
-                && in_flight.get() <= max_in_flight / 2
-                && let Ok(assignment) = consumer.assignment()
-                && consumer.resume(&assignment).is_ok()
-            {
-                state.paused = false;
-                gauge!(m::PAUSED_PARTITIONS).set(0.0);
-            }
-        }
-        let timeout = if blocked {
+        let any_blocked = blocked.iter().any(|b| *b);
+        apply_backpressure(&consumer, in_flight.get(), max_in_flight, blocked);
+        let timeout = if any_blocked {
             Duration::from_millis(5)
         } else {
             Duration::from_millis(100)
@@ -584,8 +580,9 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         let mut state = consumer.context().state();
         state
             .held
-            .drain(..)
-            .map(|(_, event)| match event {
+            .iter_mut()
+            .flat_map(|queue| queue.drain(..))
+            .map(|event| match event {
                 LaneEvent::Message { charged, .. } => charged,
                 _ => 0,
             })
@@ -707,8 +704,22 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         },
     );
     state.pending_commits.remove(&key);
+    let released = drop_held(&mut state.held[writer], &topic, partition);
+    ctx.in_flight.release(released);
+    tracing::info!(topic = %topic, partition, epoch = new_epoch, stored = ?stored, "lane reloaded after fencing");
+    state.held[writer].push_back(LaneEvent::Assigned {
+        topic,
+        partition,
+        epoch: new_epoch,
+        stored,
+    });
+}
+
+/// Drops the messages of one lane from a writer's held queue; returns the
+/// bytes they were charged.
+fn drop_held(held: &mut VecDeque<LaneEvent>, topic: &str, partition: i32) -> usize {
     let mut released = 0;
-    state.held.retain(|(_, event)| match event {
+    held.retain(|event| match event {
         LaneEvent::Message { event, charged, .. }
             if *event.topic == *topic && event.partition == partition =>
         {
@@ -717,17 +728,62 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         }
         _ => true,
     });
-    ctx.in_flight.release(released);
-    tracing::info!(topic = %topic, partition, epoch = new_epoch, stored = ?stored, "lane reloaded after fencing");
-    state.held.push_back((
-        writer,
-        LaneEvent::Assigned {
-            topic,
-            partition,
-            epoch: new_epoch,
-            stored,
-        },
-    ));
+    released
+}
+
+/// Pauses and resumes partitions for backpressure. Over the in-flight
+/// budget every partition is paused, until the budget is half free again
+/// (hysteresis keeps pause and resume from flapping); a writer whose queue
+/// is full has only its own partitions paused, until it takes events again.
+fn apply_backpressure(
+    consumer: &BaseConsumer<WeirContext>,
+    in_flight: usize,
+    max_in_flight: usize,
+    blocked: Vec<bool>,
+) {
+    let ctx = consumer.context();
+    let mut state = ctx.state();
+    let over = if state.over_budget {
+        in_flight > max_in_flight / 2
+    } else {
+        in_flight > max_in_flight
+    };
+    if over == state.over_budget && blocked == state.blocked {
+        return;
+    }
+    state.over_budget = over;
+    state.blocked = blocked;
+    let wanted: Vec<(LaneKey, bool)> = state
+        .lanes
+        .iter()
+        .map(|(key, lane)| (key.clone(), state.should_pause(lane.writer)))
+        .collect();
+    let (mut to_pause, mut to_resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+    for (key, pause) in wanted {
+        if pause && state.paused.insert(key.clone()) {
+            let _ = to_pause.add_partition(&key.0, key.1);
+        } else if !pause && state.paused.remove(&key) {
+            let _ = to_resume.add_partition(&key.0, key.1);
+        }
+    }
+    if to_pause.count() > 0 {
+        counter!(m::BACKPRESSURE_PAUSES).increment(1);
+        tracing::debug!(
+            partitions = to_pause.count(),
+            in_flight_bytes = in_flight,
+            over_budget = over,
+            "partitions paused for backpressure"
+        );
+        if let Err(err) = consumer.pause(&to_pause) {
+            tracing::warn!(error = %err, "cannot pause partitions");
+        }
+    }
+    if to_resume.count() > 0
+        && let Err(err) = consumer.resume(&to_resume)
+    {
+        tracing::warn!(error = %err, "cannot resume partitions");
+    }
+    gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
 }
 
 /// Tries again the reloads that failed and are due.
@@ -776,22 +832,30 @@ fn commit_pending(consumer: &BaseConsumer<WeirContext>) {
     }
 }
 
-/// Hands held events to their writers in order. Returns true when a writer
-/// queue is full (the rest stays held).
-fn deliver_held(consumer: &BaseConsumer<WeirContext>, writers: &[Sender<LaneEvent>]) -> bool {
+/// Hands held events to their writers in order. Returns, per writer,
+/// whether its queue is full (the rest of its events stays held).
+fn deliver_held(consumer: &BaseConsumer<WeirContext>, writers: &[Sender<LaneEvent>]) -> Vec<bool> {
     let ctx = consumer.context();
     let mut state = ctx.state();
-    while let Some((writer, event)) = state.held.pop_front() {
-        match writers[writer].try_send(event) {
-            Ok(()) => {}
-            Err(TrySendError::Full(event)) => {
-                state.held.push_front((writer, event));
-                return true;
+    let mut blocked = vec![false; writers.len()];
+    for (writer, queue) in state.held.iter_mut().enumerate() {
+        while let Some(event) = queue.pop_front() {
+            match writers[writer].try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(event)) => {
+                    queue.push_front(event);
+                    blocked[writer] = true;
+                    break;
+                }
+                Err(TrySendError::Closed(event)) => {
+                    queue.push_front(event);
+                    blocked[writer] = true;
+                    break;
+                }
             }
-            Err(TrySendError::Closed(_)) => return true,
         }
     }
-    false
+    blocked
 }
 
 /// Takes one message in: charge it, stamp it with its lane's epoch, hand it
@@ -835,14 +899,15 @@ fn take(
         event,
         charged,
     };
-    if !state.held.is_empty() {
-        state.held.push_back((writer, lane_event));
+    // Behind what is already held for this writer, to keep each lane's order.
+    if !state.held[writer].is_empty() {
+        state.held[writer].push_back(lane_event);
         return;
     }
     match writers[writer].try_send(lane_event) {
         Ok(()) => {}
         Err(TrySendError::Full(lane_event)) | Err(TrySendError::Closed(lane_event)) => {
-            state.held.push_back((writer, lane_event));
+            state.held[writer].push_back(lane_event);
         }
     }
 }

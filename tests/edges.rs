@@ -394,3 +394,88 @@ async fn a_stored_offset_past_the_log_end_restarts_at_the_log_start_and_writes_i
     assert!(resets >= 1.0, "the reset is counted");
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
+
+/// One writer is stuck (its partition's offset row is locked by someone
+/// else) and its queue fills: only that writer's partitions pause; the other
+/// writer's partitions are read and written to their end meanwhile. Before:
+/// one full queue paused every partition of the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_writer_pauses_only_its_own_partitions() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::new("stuck", 4).await;
+    let writers = 2;
+    config.postgres.writers = writers;
+    config.pipeline.queue_messages = 64;
+    config.pipeline.batch_max_rows = 400;
+    let (mut first, mut second) = common::generate(
+        Shape {
+            seed: 94,
+            ..Shape::default()
+        },
+        8_000,
+    )
+    .split(3_000);
+    common::produce(&topics, &mut first).await;
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, first.target(), Duration::from_secs(60)).await;
+
+    // From now on the writer of webhooks partition 0 cannot commit.
+    let stuck_topic = topics.webhooks();
+    let stuck_writer = weir::consumer::writer_for(&stuck_topic, 0, writers);
+    let mut locker = common::connect(&common::stack().database_url).await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.query_one(
+        &format!(
+            "SELECT next_offset FROM \"{}\".weir_offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = 0 FOR UPDATE",
+            db.schema
+        ),
+        &[&group, &stuck_topic],
+    )
+    .await
+    .expect("lock the offset row of webhooks partition 0");
+    common::produce(&topics, &mut second).await;
+    let all = first.join(second);
+    let mut ends: std::collections::HashMap<(String, i32), i64> = Default::default();
+    for (event, position) in all.events.iter().zip(&all.delivered) {
+        let (partition, offset) = position.expect("delivered");
+        let end = ends
+            .entry((topics.name(event.topic), partition))
+            .or_default();
+        *end = (*end).max(offset + 1);
+    }
+    let free: Vec<((String, i32), i64)> = ends
+        .iter()
+        .filter(|((topic, partition), _)| {
+            weir::consumer::writer_for(topic, *partition, writers) != stuck_writer
+        })
+        .map(|(key, end)| (key.clone(), *end))
+        .collect();
+    assert!(!free.is_empty(), "the other writer owns partitions");
+    common::eventually(
+        "the other writer's partitions are written to their end",
+        Duration::from_secs(45),
+        || async {
+            for ((topic, partition), end) in &free {
+                if stored_at(&db, &group, topic, *partition).await != Some(*end) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert!(
+        stored_at(&db, &group, &stuck_topic, 0).await
+            < ends.get(&(stuck_topic.clone(), 0)).copied(),
+        "the stuck partition is still behind"
+    );
+    lock.rollback().await.expect("unlock");
+    common::wait_for_offsets(&db, &group, all.target(), Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exactly_once(&db, &all, &topics).await;
+}

@@ -419,3 +419,78 @@ async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
     assert!(a.terminate().success(), "{}", a.log());
     common::assert_exactly_once(&db, &all, &topics).await;
 }
+
+/// A rolling restart under the cooperative-sticky assignor (incremental
+/// rebalances: partitions move one by one, the others keep flowing): a
+/// second pod joins mid-stream and takes some partitions, then the first
+/// leaves on SIGTERM and hands its partitions over, while traffic keeps
+/// arriving. Every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_cooperative_sticky_is_exactly_once() {
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("coop", 4).await;
+    let (mut first, mut second) = common::generate(
+        Shape {
+            seed: 15,
+            ..Shape::default()
+        },
+        20_000,
+    )
+    .split(12_000);
+    let target = common::produce(&topics, &mut first).await;
+    let dir = test_dir("coop");
+    let pod = |port: u16| {
+        let mut table: toml::Table = toml::from_str(&small_batches(
+            common::config_text(&db.schema, &topics, &group, ""),
+            port,
+        ))
+        .expect("config");
+        table["kafka"]["properties"]
+            .as_table_mut()
+            .expect("kafka properties")
+            .insert(
+                "partition.assignment.strategy".into(),
+                "cooperative-sticky".into(),
+            );
+        toml::to_string(&table).expect("config")
+    };
+    let (a_port, b_port) = (common::free_port(), common::free_port());
+    let mut a = Weir::start(&dir, "a", &pod(a_port));
+    wait_until_stored(&db, &group, target / 4).await;
+    let mut b = Weir::start(&dir, "b", &pod(b_port));
+    common::eventually(
+        "the second pod gets partitions",
+        Duration::from_secs(60),
+        || async { scrape(b_port, "weir_assigned_partitions").await > 0.0 },
+    )
+    .await;
+    let shared = scrape(a_port, "weir_assigned_partitions").await;
+    // The first pod leaves while the second round arrives.
+    let producing = {
+        let topics = common::Topics {
+            prefix: topics.prefix.clone(),
+        };
+        tokio::spawn(async move {
+            common::produce(&topics, &mut second).await;
+            second
+        })
+    };
+    assert!(a.terminate().success(), "{}", a.log());
+    let second = producing.await.expect("second round");
+    common::eventually(
+        "the second pod owns every partition",
+        Duration::from_secs(60),
+        || async { scrape(b_port, "weir_assigned_partitions").await == 8.0 },
+    )
+    .await;
+    let all = first.join(second);
+    wait_until_stored(&db, &group, all.target()).await;
+    assert!(b.terminate().success(), "{}", b.log());
+    println!("while both ran, the first pod kept {shared} of 8 partitions");
+    assert!(
+        a.log().contains("cooperative") && b.log().contains("cooperative"),
+        "both pods rebalanced incrementally"
+    );
+    common::assert_exactly_once(&db, &all, &topics).await;
+}
