@@ -326,6 +326,13 @@ impl Batcher {
 
 // ---- flusher --------------------------------------------------------------
 
+/// Whether a write attempt is the batch's first, or follows a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    Retry,
+}
+
 /// Why a write attempt did not commit.
 #[derive(Debug)]
 enum Failure {
@@ -550,9 +557,10 @@ impl Flusher {
         }
         let mut backoff = self.backoff();
         let mut schema_reported = false;
+        let mut retry = Attempt::First;
         loop {
             self.health.writer_beat(self.index);
-            match self.attempt(batch).await {
+            match self.attempt(batch, retry).await {
                 Ok(written) => {
                     if schema_reported {
                         tracing::info!(
@@ -591,6 +599,7 @@ impl Flusher {
                     return;
                 }
                 Err(Failure::Transient { cause, detail }) => {
+                    retry = Attempt::Retry;
                     m::retry(cause);
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(
@@ -609,6 +618,7 @@ impl Flusher {
                     }
                 }
                 Err(Failure::Schema(detail)) => {
+                    retry = Attempt::Retry;
                     m::retry("schema");
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                     if !schema_reported {
@@ -630,6 +640,7 @@ impl Flusher {
                     }
                 }
                 Err(Failure::Row) => {
+                    retry = Attempt::Retry;
                     // `attempt` turns row failures into dead letters or a
                     // schema error; this arm is kept total so no path can
                     // panic a writer.
@@ -693,12 +704,32 @@ impl Flusher {
     }
 
     /// One try at committing the batch.
-    async fn attempt(&mut self, batch: &Batch) -> Result<Written, Failure> {
+    async fn attempt(&mut self, batch: &Batch, attempt: Attempt) -> Result<Written, Failure> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.connect().await.map_err(|detail| Failure::Transient {
                 cause: "connection",
                 detail,
             })?;
+        }
+        if attempt == Attempt::Retry {
+            // Fence first on a retry: while this batch waited (a schema
+            // error, an outage), another consumer may have committed past
+            // its start (a rebalance, a newer deployment). Then the batch is
+            // stale and is dropped now, before any other work, instead of
+            // retrying an error only this consumer meets. A read: the
+            // compare-and-set in the transaction still decides.
+            let client = self
+                .client
+                .as_ref()
+                .expect("attempt connects before the fence check");
+            let stored = self
+                .offsets
+                .load(client, &batch.topic, &[batch.partition])
+                .await
+                .map_err(|err| Failure::from_db(&err))?;
+            if stored.get(&batch.partition).copied() != batch.prev {
+                return Err(Failure::Fenced);
+            }
         }
         let parts = self.plan(batch).await?;
         let failed_at = now_micros();

@@ -479,3 +479,59 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
     running.stop().await;
     common::assert_exactly_once(&db, &all, &topics).await;
 }
+
+/// The session dies inside COMMIT, three times (a deferred trigger on the
+/// offsets table terminates its own backend at commit time): weir cannot
+/// know whether the batch committed. It reconnects and retries the same
+/// batch; the compare-and-set decides, and every event lands exactly once,
+/// with no dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_killed_inside_commit_are_retried_exactly_once() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::new("commitkill", 2).await;
+    let s = db.schema.clone();
+    config.pipeline.batch_max_rows = 500;
+    config.pipeline.retry_max_ms = 500;
+    config.postgres.writers = 1;
+    db.client
+        .batch_execute(&format!(
+            "CREATE SEQUENCE \"{s}\".commit_kills;
+             CREATE FUNCTION \"{s}\".kill_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 -- A sequence does not roll back with the dying transaction.
+                 IF nextval('\"{s}\".commit_kills') <= 3 THEN
+                     PERFORM pg_terminate_backend(pg_backend_pid());
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER die_at_commit AFTER UPDATE ON \"{s}\".weir_offsets
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                 EXECUTE FUNCTION \"{s}\".kill_at_commit();"
+        ))
+        .await
+        .expect("a trigger that kills the session at commit");
+    let mut sent = common::generate(
+        Shape {
+            seed: 95,
+            ..Shape::default()
+        },
+        3_000,
+    );
+    let target = common::produce(&topics, &mut sent).await;
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, target, Duration::from_secs(90)).await;
+    running.stop().await;
+    let kills = db
+        .count(&format!("SELECT last_value FROM \"{s}\".commit_kills"))
+        .await;
+    println!("commits interrupted by a killed session: {}", kills.min(3));
+    assert!(
+        kills >= 3,
+        "three commits died with their session ({kills})"
+    );
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}

@@ -494,3 +494,95 @@ async fn a_rolling_restart_with_cooperative_sticky_is_exactly_once() {
     );
     common::assert_exactly_once(&db, &all, &topics).await;
 }
+
+/// A rolling deploy of a mapping change: the old deployment maps a column
+/// that was just dropped, so its writer stops on the schema error with a
+/// batch in hand; the new deployment (without that column, same offsets)
+/// writes everything. The old batch is stale: on its next retry it is
+/// fenced and dropped. Before: the old writer retried the schema error for
+/// as long as the column was missing, for a batch it could never commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_batch_stuck_on_a_schema_error_is_fenced_once_another_deployment_moves_on() {
+    let Fixture {
+        db, topics, group, ..
+    } = Fixture::new("stale", 1).await;
+    let s = db.schema.clone();
+    let dir = test_dir("stale");
+    // Separate Kafka groups sharing one offsets group, as in an overlap.
+    // The shipped dedupe keys stay: the staged write prepares its INSERT
+    // before the transaction, so the missing column fails there, before
+    // the compare-and-set could fence the batch.
+    let deployment = |port: u16, drop_body: bool| {
+        let text = common::config_text(&db.schema, &topics, &common::unique("k"), "");
+        let mut table: toml::Table = toml::from_str(&text).expect("config");
+        table["http"]
+            .as_table_mut()
+            .expect("http")
+            .insert("listen".into(), format!("127.0.0.1:{port}").into());
+        table["kafka"]
+            .as_table_mut()
+            .expect("kafka")
+            .insert("offsets_group".into(), group.clone().into());
+        let pipeline = table["pipeline"].as_table_mut().expect("pipeline");
+        pipeline.insert("retry_max_ms".into(), 500.into());
+        pipeline.insert("batch_max_rows".into(), 400.into());
+        if drop_body {
+            for entry in table["tables"].as_array_mut().expect("tables") {
+                if entry["name"].as_str() == Some("messages") {
+                    for source in entry["sources"].as_array_mut().expect("sources") {
+                        source["columns"]
+                            .as_table_mut()
+                            .expect("columns")
+                            .remove("body");
+                    }
+                }
+            }
+        }
+        toml::to_string(&table).expect("config")
+    };
+    let old_port = common::free_port();
+    let mut old = Weir::start(&dir, "old", &deployment(old_port, false));
+    common::eventually(
+        "the old deployment is ready",
+        Duration::from_secs(60),
+        || async { common::http_get(old_port, "/readyz").await.0 == 200 },
+    )
+    .await;
+    db.client
+        .batch_execute(&format!("ALTER TABLE \"{s}\".messages DROP COLUMN body"))
+        .await
+        .expect("drop column");
+    let mut sent = common::generate(
+        Shape {
+            seed: 16,
+            ..Shape::default()
+        },
+        2_000,
+    );
+    let target = common::produce(&topics, &mut sent).await;
+    common::eventually(
+        "the old deployment stops on the missing column",
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = common::http_get(old_port, "/readyz").await;
+            status == 503 && body.contains("body")
+        },
+    )
+    .await;
+    let log_before = old.log().len();
+    let mut new = Weir::start(&dir, "new", &deployment(common::free_port(), true));
+    wait_until_stored(&db, &group, target).await;
+    common::eventually(
+        "the old deployment's stale batch is fenced",
+        Duration::from_secs(30),
+        || async {
+            old.log()
+                .get(log_before..)
+                .is_some_and(|after| after.contains("batch fenced"))
+        },
+    )
+    .await;
+    assert!(new.terminate().success(), "{}", new.log());
+    assert!(old.terminate().success(), "{}", old.log());
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}
