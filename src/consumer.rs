@@ -321,6 +321,8 @@ impl WeirContext {
         gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
         gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
         self.health.consumer_joined(true);
+        // A new assignment tries stopped partitions again.
+        self.health.partition_stopped(None);
     }
 
     /// Ends lanes for `tpl` (revoked or lost).
@@ -562,6 +564,25 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
                 take(&consumer, &message, &writers, &in_flight);
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(err))
+                if err.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
+            {
+                // Only with `auto_offset_reset = "error"`: the log no longer
+                // holds a partition's position and librdkafka stopped
+                // fetching it. Nothing is skipped; an operator decides.
+                counter!(m::KAFKA_ERRORS, "kind" => "offset_out_of_range").increment(1);
+                tracing::error!(
+                    error = %err,
+                    "a partition's position is out of range (topic recreated, log truncated or \
+                     records deleted by retention) and kafka.auto_offset_reset = \"error\": it \
+                     is not read until an operator moves its stored offset or sets another policy"
+                );
+                health.partition_stopped(Some(format!(
+                    "a partition's position is out of range and kafka.auto_offset_reset = \"error\" \
+                     stopped it ({err})"
+                )));
+            }
             Some(Err(err)) => {
                 counter!(m::KAFKA_ERRORS, "kind" => "consume").increment(1);
                 tracing::warn!(error = %err, "kafka consume error");

@@ -27,6 +27,8 @@ struct State {
     writer_connected: Vec<bool>,
     /// Writer index -> what stopped it.
     stopped: BTreeMap<usize, String>,
+    /// What stopped a partition on the Kafka side (until the next assignment).
+    partition_stopped: Option<String>,
     shutting_down: bool,
 }
 
@@ -48,6 +50,7 @@ impl Health {
                 writer_beats: vec![now; writers],
                 writer_connected: vec![false; writers],
                 stopped: BTreeMap::new(),
+                partition_stopped: None,
                 shutting_down: false,
             }),
         }
@@ -63,6 +66,12 @@ impl Health {
 
     pub fn consumer_beat(&self) {
         self.with(|s| s.consumer_beat = Instant::now());
+    }
+
+    /// A partition stopped fetching for a reason only an operator can fix
+    /// (`None`: the consumer was assigned again, so it is tried again).
+    pub fn partition_stopped(&self, reason: Option<String>) {
+        self.with(|s| s.partition_stopped = reason);
     }
 
     pub fn consumer_joined(&self, joined: bool) {
@@ -148,6 +157,9 @@ impl Health {
             }
             for (writer, reason) in &s.stopped {
                 reasons.push(format!("writer {writer} stopped: {reason}"));
+            }
+            if let Some(reason) = &s.partition_stopped {
+                reasons.push(reason.clone());
             }
             Verdict {
                 ok: reasons.is_empty(),

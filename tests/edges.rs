@@ -535,3 +535,70 @@ async fn sessions_killed_inside_commit_are_retried_exactly_once() {
     );
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
+
+/// The same recreated topic with `auto_offset_reset = "error"`: nothing is
+/// read or skipped, the stored offset stays, and readiness says why. Before:
+/// the partition silently stopped with a warning and weir reported ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_error_policy_an_out_of_range_partition_stops_and_says_so() {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::without_topics("reseterr").await;
+    for name in [topics.webhooks(), topics.chat()] {
+        mock.create_topic(&name, 1, 1).expect("mock topic");
+    }
+    config.kafka.brokers = mock.bootstrap_servers();
+    config.kafka.auto_offset_reset = weir::config::OffsetReset::Error;
+    db.client
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, 0, 30)",
+                db.schema
+            ),
+            &[&group, &topics.webhooks()],
+        )
+        .await
+        .expect("the offset stored before the topic was recreated");
+    let mut sent = common::generate(
+        Shape {
+            seed: 96,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        10,
+    );
+    common::produce_to(&mock.bootstrap_servers(), &topics, &mut sent).await;
+    let running = Running::start(config);
+    common::eventually(
+        "not ready, naming the out-of-range partition",
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = running.get("/readyz").await;
+            status == 503 && body.contains("out of range")
+        },
+    )
+    .await;
+    let (_, reason) = running.get("/readyz").await;
+    println!("readyz: {}", reason.trim());
+    running.stop().await;
+    let webhooks = topics.webhooks();
+    assert_eq!(
+        stored_at(&db, &group, &webhooks, 0).await,
+        Some(30),
+        "the stored offset stays"
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM \"{}\".webhook_logs",
+            db.schema
+        ))
+        .await,
+        0,
+        "nothing read, nothing skipped"
+    );
+}
