@@ -30,6 +30,21 @@ const COPY_FIELDS: u16 = 20;
 /// Longest `message` kept.
 const MAX_MESSAGE_CHARS: usize = 2000;
 
+/// Encoding of a dead letter whose payload is stored with another dead
+/// letter of the same Kafka message (same group, topic, partition and
+/// offset, written in the same transaction): an event with k bad items
+/// stores and compresses its payload once, not k times.
+pub const SIBLING_ENCODING: &str = "sibling";
+
+/// Whether a dead letter carries its message's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadCopy {
+    /// The first dead letter of a message in a batch: the payload itself.
+    Carried,
+    /// A later one: an empty payload, [`SIBLING_ENCODING`].
+    WithSibling,
+}
+
 /// How dead letters are stored.
 #[derive(Debug, Clone)]
 pub struct DeadLetterTable {
@@ -96,6 +111,7 @@ impl DeadLetterTable {
         letter: &DeadLetter,
         event: &Event,
         failed_at: i64,
+        copy: PayloadCopy,
     ) {
         // Every field here is built by weir and encodes. Should one ever
         // fail, it is written as NULL: a NOT NULL column then refuses the
@@ -165,7 +181,15 @@ impl DeadLetterTable {
         }
         text(buf, &message);
         field(buf, &PgType::Int4, Input::Int(1));
-        let stored = self.store_payload(&event.payload);
+        let stored = match copy {
+            PayloadCopy::Carried => self.store_payload(&event.payload),
+            PayloadCopy::WithSibling => StoredPayload {
+                bytes: Vec::new(),
+                encoding: SIBLING_ENCODING,
+                truncated: event.payload.len() > self.max_payload_bytes,
+                sha256: None,
+            },
+        };
         field(buf, &PgType::Bytea, Input::Bytes(&stored.bytes));
         text(buf, stored.encoding);
         field(buf, &PgType::Int4, Input::Int(event.payload.len() as i64));
@@ -238,6 +262,10 @@ pub fn restore_payload(bytes: &[u8], encoding: &str, limit: usize) -> Result<Vec
             }
             Ok(out)
         }
+        SIBLING_ENCODING => Err(
+            "the payload was stored with another dead letter of the same message, which is gone"
+                .into(),
+        ),
         other => Err(format!("unknown payload encoding `{other}`")),
     }
 }

@@ -18,7 +18,7 @@ use tokio_postgres::{Client, Row};
 use crate::batch::{Event, Gathered, Stage};
 use crate::config::Config;
 use crate::db::{self, ErrorClass};
-use crate::deadletter::{DeadLetterTable, restore_payload};
+use crate::deadletter::{DeadLetterTable, SIBLING_ENCODING, restore_payload};
 use crate::decode::Decoder;
 use crate::pipeline::Prepared;
 use crate::writer::now_micros;
@@ -187,6 +187,25 @@ pub async fn list(
         .collect())
 }
 
+/// `payload, payload_encoding` of the dead letter aliased `d`: its own, or,
+/// for one whose message's payload is stored with a sibling (an event with
+/// several bad items stores its payload once), the sibling's.
+fn payload_columns(dead: &DeadLetterTable) -> String {
+    let sibling = |column: &str| {
+        format!(
+            "COALESCE((SELECT c.{column} FROM {table} c
+                        WHERE d.payload_encoding = '{SIBLING_ENCODING}'
+                          AND c.failed_at = d.failed_at AND c.consumer_group = d.consumer_group
+                          AND c.topic = d.topic AND c.kafka_partition = d.kafka_partition
+                          AND c.kafka_offset = d.kafka_offset
+                          AND c.payload_encoding <> '{SIBLING_ENCODING}'
+                        ORDER BY c.id LIMIT 1), d.{column})",
+            table = dead.qualified()
+        )
+    };
+    format!("{}, {}", sibling("payload"), sibling("payload_encoding"))
+}
+
 /// `weir dlq show`: every field, and the payload restored (capped at
 /// `max_bytes`: a dead letter is untrusted input).
 pub async fn show(
@@ -200,10 +219,11 @@ pub async fn show(
             &format!(
                 "SELECT id, failed_at, consumer_group, topic, kafka_partition, kafka_offset, kafka_timestamp,
                         kafka_key, kafka_headers::text, target_table, item_index, item_path, stage, code,
-                        message, attempts, payload, payload_encoding, payload_size, payload_truncated,
+                        message, attempts, {payload}, payload_size, payload_truncated,
                         payload_sha256, replayed_at
-                   FROM {} WHERE id = $1",
-                dead.qualified()
+                   FROM {} d WHERE id = $1",
+                dead.qualified(),
+                payload = payload_columns(dead)
             ),
             &[&id],
         )
@@ -348,11 +368,12 @@ pub async fn replay(
         .query(
             &format!(
                 "SELECT id, failed_at, topic, kafka_partition, kafka_offset, kafka_timestamp, kafka_key,
-                        kafka_headers, target_table, item_index, payload, payload_encoding,
+                        kafka_headers, target_table, item_index, {payload},
                         payload_truncated
-                   FROM {} WHERE {clause} ORDER BY failed_at, id LIMIT ${} FOR UPDATE SKIP LOCKED",
+                   FROM {} d WHERE {clause} ORDER BY failed_at, id LIMIT ${} FOR UPDATE SKIP LOCKED",
                 dead.qualified(),
-                params.len()
+                params.len(),
+                payload = payload_columns(dead)
             ),
             &params_ref(&params),
         )

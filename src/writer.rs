@@ -35,7 +35,7 @@ use crate::batch::{Batch, BufferPool, DeadLetter, Event, Gathered, Sealed, Stage
 use crate::config::Config;
 use crate::consumer::{InFlight, LaneEvent, Request};
 use crate::db::{self, ErrorClass};
-use crate::deadletter::{COPY_COLUMNS, DeadLetterTable};
+use crate::deadletter::{COPY_COLUMNS, DeadLetterTable, PayloadCopy};
 use crate::decode::Decoder;
 use crate::health::Health;
 use crate::metrics as m;
@@ -970,6 +970,12 @@ impl Flusher {
         let group = self.offsets.group.clone();
         let mappings = self.decoder.mappings.clone();
         let dead_letters = self.dead_letters.clone();
+        // The dead letters known before the transaction (decode, validate,
+        // route) are encoded now, not while the session sits in an open
+        // transaction; each message's payload is stored (and compressed)
+        // once, with its first dead letter in the batch.
+        let mut dead_encoded = DeadLetterRows::default();
+        dead_encoded.add(&dead_letters, batch, &batch.dead_letters, failed_at);
         let client = self
             .client
             .as_mut()
@@ -1086,20 +1092,10 @@ impl Flusher {
             );
         }
 
-        let letters: Vec<&DeadLetter> =
-            batch.dead_letters.iter().chain(write_dead.iter()).collect();
-        if !letters.is_empty() {
-            let mut buf = BytesMut::with_capacity(letters.len() * 512);
-            for letter in &letters {
-                let event = &batch.messages[letter.message as usize];
-                dead_letters.encode_row(&mut buf, letter, event, failed_at);
-                written.dead_letters.push((
-                    letter.table.as_deref().unwrap_or("").to_string(),
-                    letter.stage.as_str(),
-                    letter.code.to_string(),
-                ));
-            }
-            let buf = buf.freeze();
+        dead_encoded.add(&dead_letters, batch, &write_dead, failed_at);
+        if !dead_encoded.buf.is_empty() {
+            written.dead_letters = std::mem::take(&mut dead_encoded.reported);
+            let buf = std::mem::take(&mut dead_encoded.buf).freeze();
             let whole = 0..buf.len();
             send_copy(
                 &transaction,
@@ -1125,6 +1121,41 @@ impl Flusher {
             .map_err(|err| Failure::from_db(&err))?;
         m::stage_time(m::stage::COMMIT, m::ALL_TABLES, commit_started.elapsed());
         Ok(written)
+    }
+}
+
+/// A batch's dead letters as COPY rows, and what to report once committed.
+#[derive(Default)]
+struct DeadLetterRows {
+    buf: BytesMut,
+    /// Messages (by index in the batch) whose payload a row already carries.
+    carried: std::collections::HashSet<u32>,
+    /// Per dead letter: table, stage, reason code.
+    reported: Vec<(String, &'static str, String)>,
+}
+
+impl DeadLetterRows {
+    fn add(
+        &mut self,
+        table: &DeadLetterTable,
+        batch: &Batch,
+        letters: &[DeadLetter],
+        failed_at: i64,
+    ) {
+        for letter in letters {
+            let event = &batch.messages[letter.message as usize];
+            let copy = if self.carried.insert(letter.message) {
+                PayloadCopy::Carried
+            } else {
+                PayloadCopy::WithSibling
+            };
+            table.encode_row(&mut self.buf, letter, event, failed_at, copy);
+            self.reported.push((
+                letter.table.as_deref().unwrap_or("").to_string(),
+                letter.stage.as_str(),
+                letter.code.to_string(),
+            ));
+        }
     }
 }
 

@@ -99,9 +99,47 @@ async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() 
                 code: "out_of_range",
             });
     }
+    let dead_table = weir::deadletter::DeadLetterTable::new(&config);
     let running = Running::start(config);
     common::wait_for_offsets(&db, &group, 21, Duration::from_secs(60)).await;
     running.stop().await;
+
+    // The body is stored once, with one of its dead letters; the others
+    // point at it, and `weir dlq show` restores it from there.
+    let stored: Vec<(i64, String, i64)> = db
+        .client
+        .query(
+            &format!(
+                "SELECT id, payload_encoding, length(payload)::int8 FROM \"{s}\".weir_dead_letters ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .expect("dead-letter payloads")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    println!("stored payloads: {stored:?}");
+    let carriers: Vec<_> = stored
+        .iter()
+        .filter(|(_, encoding, _)| encoding != "sibling")
+        .collect();
+    assert_eq!(carriers.len(), 1, "the payload is stored once");
+    assert!(carriers[0].2 > 0, "with its bytes");
+    let sibling = stored
+        .iter()
+        .find(|(_, encoding, size)| encoding == "sibling" && *size == 0)
+        .expect("the other dead letters store no copy");
+    let shown = weir::dlq::show(&db.client, &dead_table, sibling.0, 1 << 20)
+        .await
+        .expect("dlq show")
+        .expect("the dead letter exists");
+    let body = std::str::from_utf8(&sent.events[0].payload).expect("utf-8 body");
+    let probe = &body[..body.len().min(40)];
+    assert!(
+        shown.contains(probe),
+        "dlq show restores the payload from its sibling:\n{shown}"
+    );
 
     let letters = db
         .client
