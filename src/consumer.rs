@@ -544,13 +544,16 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             })?
     };
 
+    // Which writers' queues are full, refreshed every iteration (reused: the
+    // loop runs once per message).
+    let mut blocked = vec![false; writers.len()];
     while !shutdown.load(Ordering::Relaxed) {
         health.consumer_beat();
         serve_requests(&consumer, &requests, &mut requests_open);
         retry_reloads(&consumer);
-        let blocked = deliver_held(&consumer, &writers);
+        deliver_held(&consumer, &writers, &mut blocked);
         let any_blocked = blocked.iter().any(|b| *b);
-        apply_backpressure(&consumer, in_flight.get(), max_in_flight, blocked);
+        apply_backpressure(&consumer, in_flight.get(), max_in_flight, &blocked);
         let timeout = if any_blocked {
             Duration::from_millis(5)
         } else {
@@ -760,7 +763,7 @@ fn apply_backpressure(
     consumer: &BaseConsumer<WeirContext>,
     in_flight: usize,
     max_in_flight: usize,
-    blocked: Vec<bool>,
+    blocked: &[bool],
 ) {
     let ctx = consumer.context();
     let mut state = ctx.state();
@@ -769,11 +772,12 @@ fn apply_backpressure(
     } else {
         in_flight > max_in_flight
     };
-    if over == state.over_budget && blocked == state.blocked {
+    if over == state.over_budget && blocked == state.blocked.as_slice() {
         return;
     }
     state.over_budget = over;
-    state.blocked = blocked;
+    state.blocked.clear();
+    state.blocked.extend_from_slice(blocked);
     let wanted: Vec<(LaneKey, bool)> = state
         .lanes
         .iter()
@@ -853,12 +857,16 @@ fn commit_pending(consumer: &BaseConsumer<WeirContext>) {
     }
 }
 
-/// Hands held events to their writers in order. Returns, per writer,
-/// whether its queue is full (the rest of its events stays held).
-fn deliver_held(consumer: &BaseConsumer<WeirContext>, writers: &[Sender<LaneEvent>]) -> Vec<bool> {
+/// Hands held events to their writers in order. Sets, per writer, whether
+/// its queue is full (the rest of its events stays held).
+fn deliver_held(
+    consumer: &BaseConsumer<WeirContext>,
+    writers: &[Sender<LaneEvent>],
+    blocked: &mut [bool],
+) {
     let ctx = consumer.context();
     let mut state = ctx.state();
-    let mut blocked = vec![false; writers.len()];
+    blocked.fill(false);
     for (writer, queue) in state.held.iter_mut().enumerate() {
         while let Some(event) = queue.pop_front() {
             match writers[writer].try_send(event) {
@@ -876,7 +884,6 @@ fn deliver_held(consumer: &BaseConsumer<WeirContext>, writers: &[Sender<LaneEven
             }
         }
     }
-    blocked
 }
 
 /// Takes one message in: charge it, stamp it with its lane's epoch, hand it

@@ -332,15 +332,7 @@ created_at = {{ item = "/at" }}
     .await;
     let (_, reason) = running.get("/readyz").await;
     println!("readyz while blocked: {}", reason.trim());
-    let offsets_sql =
-        format!("SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{s}\".weir_offsets");
-    let first = db.count(&offsets_sql).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        db.count(&offsets_sql).await,
-        first,
-        "offsets hold still while stopped"
-    );
+    let first = common::offsets_hold_still(&db).await;
     assert_eq!(first, 0, "the event is not committed");
     assert_eq!(
         db.count(&format!("SELECT count(*) FROM \"{s}\".weir_dead_letters"))
@@ -376,6 +368,53 @@ fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     RECORDER.get_or_init(|| weir::metrics::install().expect("metrics recorder"))
 }
 
+/// A topic that was deleted and recreated after weir stored offset 30 for
+/// its webhooks partition 0: on librdkafka's mock cluster (which answers
+/// out-of-range fetches as Kafka does), the recreated log holds 10 new
+/// bodies, offsets 0 to 9. Returns the mock (keep it alive), the fixture
+/// pointed at it with `policy`, and what was sent.
+async fn recreated_topic(
+    prefix: &str,
+    seed: u64,
+    policy: weir::config::OffsetReset,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Fixture,
+    common::Sent,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let mut fixture = Fixture::without_topics(prefix).await;
+    let topics = &fixture.topics;
+    for name in [topics.webhooks(), topics.chat()] {
+        mock.create_topic(&name, 1, 1).expect("mock topic");
+    }
+    fixture.config.kafka.brokers = mock.bootstrap_servers();
+    fixture.config.kafka.auto_offset_reset = policy;
+    fixture
+        .db
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, 0, 30)",
+                fixture.db.schema
+            ),
+            &[&fixture.group, &topics.webhooks()],
+        )
+        .await
+        .expect("the offset stored before the topic was recreated");
+    let mut sent = common::generate(
+        Shape {
+            seed,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        10,
+    );
+    common::produce_to(&mock.bootstrap_servers(), topics, &mut sent).await;
+    (mock, fixture, sent)
+}
+
 /// The topic was deleted and recreated (or its log truncated) after weir
 /// stored offset 30: the log now ends at 10. Kafka answers a fetch at 30
 /// with OFFSET_OUT_OF_RANGE, librdkafka resets to the log's start, and the
@@ -386,37 +425,14 @@ fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_offset_past_the_log_end_restarts_at_the_log_start_and_writes_it() {
     let recorder = recorder();
-    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let (_mock, fixture, sent) =
+        recreated_topic("reset", 92, weir::config::OffsetReset::Earliest).await;
     let Fixture {
         db,
         topics,
         group,
-        mut config,
-    } = Fixture::without_topics("reset").await;
-    for name in [topics.webhooks(), topics.chat()] {
-        mock.create_topic(&name, 1, 1).expect("mock topic");
-    }
-    config.kafka.brokers = mock.bootstrap_servers();
-    db.client
-        .execute(
-            &format!(
-                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
-                 VALUES ($1, $2, 0, 30)",
-                db.schema
-            ),
-            &[&group, &topics.webhooks()],
-        )
-        .await
-        .expect("the offset stored before the topic was recreated");
-    let mut sent = common::generate(
-        Shape {
-            seed: 92,
-            chat_share: 0.0,
-            ..Shape::default()
-        },
-        10,
-    );
-    common::produce_to(&mock.bootstrap_servers(), &topics, &mut sent).await;
+        config,
+    } = fixture;
 
     let running = Running::start(config);
     let webhooks = topics.webhooks();
@@ -478,14 +494,11 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
     .expect("lock the offset row of webhooks partition 0");
     common::produce(&topics, &mut second).await;
     let all = first.join(second);
-    let mut ends: std::collections::HashMap<(String, i32), i64> = Default::default();
-    for (event, position) in all.events.iter().zip(&all.delivered) {
-        let (partition, offset) = position.expect("delivered");
-        let end = ends
-            .entry((topics.name(event.topic), partition))
-            .or_default();
-        *end = (*end).max(offset + 1);
-    }
+    let ends: std::collections::HashMap<(String, i32), i64> = all
+        .ends()
+        .into_iter()
+        .map(|((topic, partition), end)| ((topics.name(topic), partition), end))
+        .collect();
     let free: Vec<((String, i32), i64)> = ends
         .iter()
         .filter(|((topic, partition), _)| {
@@ -579,38 +592,14 @@ async fn sessions_killed_inside_commit_are_retried_exactly_once() {
 /// the partition silently stopped with a warning and weir reported ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_error_policy_an_out_of_range_partition_stops_and_says_so() {
-    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let (_mock, fixture, _sent) =
+        recreated_topic("reseterr", 96, weir::config::OffsetReset::Error).await;
     let Fixture {
         db,
         topics,
         group,
-        mut config,
-    } = Fixture::without_topics("reseterr").await;
-    for name in [topics.webhooks(), topics.chat()] {
-        mock.create_topic(&name, 1, 1).expect("mock topic");
-    }
-    config.kafka.brokers = mock.bootstrap_servers();
-    config.kafka.auto_offset_reset = weir::config::OffsetReset::Error;
-    db.client
-        .execute(
-            &format!(
-                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
-                 VALUES ($1, $2, 0, 30)",
-                db.schema
-            ),
-            &[&group, &topics.webhooks()],
-        )
-        .await
-        .expect("the offset stored before the topic was recreated");
-    let mut sent = common::generate(
-        Shape {
-            seed: 96,
-            chat_share: 0.0,
-            ..Shape::default()
-        },
-        10,
-    );
-    common::produce_to(&mock.bootstrap_servers(), &topics, &mut sent).await;
+        config,
+    } = fixture;
     let running = Running::start(config);
     common::eventually(
         "not ready, naming the out-of-range partition",

@@ -685,15 +685,7 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
     println!("readyz while stopped: {}", reason.trim());
     // Stopped means stopped: the stored offsets hold still (sampled twice,
     // seconds apart), short of the second round.
-    let offsets_sql =
-        format!("SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{s}\".weir_offsets");
-    let stuck = db.count(&offsets_sql).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        db.count(&offsets_sql).await,
-        stuck,
-        "offsets do not move while the writer is stopped"
-    );
+    let stuck = common::offsets_hold_still(&db).await;
     assert!(
         stuck < target,
         "offsets do not advance past the failing batch"

@@ -328,23 +328,18 @@ pub async fn produce_to(brokers: &str, topics: &Topics, sent: &mut Sent) -> i64 
                 .expect("enqueue message"),
         );
     }
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     let mut positions = Vec::with_capacity(events.len());
-    for (event, delivery) in events.iter().zip(pending) {
+    for delivery in pending {
         let delivered = delivery
             .await
             .expect("delivery future")
             .map_err(|(err, _)| err)
             .expect("message delivered");
-        let end = ends
-            .entry((event.topic.to_string(), delivered.partition))
-            .or_default();
-        *end = (*end).max(delivered.offset + 1);
         positions.push(Some((delivered.partition, delivered.offset)));
     }
     producer.flush(Duration::from_secs(30)).expect("flush");
     sent.delivered = positions;
-    ends.values().sum()
+    sent.target()
 }
 
 /// Waits until the stored offsets of `group` cover `target` messages.
@@ -372,6 +367,23 @@ pub async fn wait_for_offsets(db: &TestDb, group: &str, target: i64, timeout: Du
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The sum of the schema's stored offsets, sampled twice 3 s apart and
+/// asserted equal: a stopped writer commits nothing.
+pub async fn offsets_hold_still(db: &TestDb) -> i64 {
+    let sql = format!(
+        "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets",
+        db.schema
+    );
+    let first = db.count(&sql).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        db.count(&sql).await,
+        first,
+        "stored offsets hold still while stopped"
+    );
+    first
 }
 
 /// A free TCP port on loopback.
@@ -532,16 +544,22 @@ impl Sent {
         )
     }
 
-    /// The stored offsets weir must reach for every delivered event: the
-    /// sum over partitions of (last delivered offset + 1).
-    pub fn target(&self) -> i64 {
-        let mut ends: HashMap<(&str, i32), i64> = HashMap::new();
+    /// Per (generator topic, partition): last delivered offset + 1, the
+    /// stored offset weir must reach there.
+    pub fn ends(&self) -> HashMap<(&'static str, i32), i64> {
+        let mut ends: HashMap<(&'static str, i32), i64> = HashMap::new();
         for (event, position) in self.events.iter().zip(&self.delivered) {
             let (partition, offset) = position.expect("delivered");
             let end = ends.entry((event.topic, partition)).or_default();
             *end = (*end).max(offset + 1);
         }
-        ends.values().sum()
+        ends
+    }
+
+    /// The stored offsets weir must reach for every delivered event: the
+    /// sum of [`Sent::ends`].
+    pub fn target(&self) -> i64 {
+        self.ends().values().sum()
     }
 
     /// Both rounds, as one run.
