@@ -706,11 +706,16 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
     };
     let stored = loaded.get(&partition).copied();
     if let Some(offset) = stored
-        && let Err(err) = consumer.seek(
-            &topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(10),
+        && let Err(err) = injected_seek_failure(&topic).map_or_else(
+            || {
+                consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                )
+            },
+            Err,
         )
     {
         retry(format!("seek to {offset} failed: {err}"));
@@ -737,6 +742,20 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         epoch: new_epoch,
         stored,
     });
+}
+
+/// A seek librdkafka refuses (the partition is stopping, or its fetcher did
+/// not answer within the timeout) is rare and cannot be caused on demand
+/// from outside; with the `failpoints` feature, a test makes the reload's
+/// seek on `topic` fail through the fail point `reload-seek`.
+fn injected_seek_failure(topic: &str) -> Option<KafkaError> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("reload-seek", |arg: Option<String>| {
+        (arg.as_deref() == Some(topic))
+            .then(|| KafkaError::Seek("injected by the reload-seek fail point".into()))
+    });
+    let _ = topic;
+    None
 }
 
 /// Drops the messages of one lane from a writer's held queue; returns the

@@ -629,3 +629,175 @@ async fn with_the_error_policy_an_out_of_range_partition_stops_and_says_so() {
         "nothing read, nothing skipped"
     );
 }
+
+/// Failed reloads so far, from weir's metrics in this test binary.
+#[cfg(feature = "failpoints")]
+fn failed_reloads() -> f64 {
+    recorder()
+        .render()
+        .lines()
+        .filter(|line| {
+            line.starts_with("weir_kafka_errors_total{") && line.contains("kind=\"reload\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An operator rewinds a partition while weir runs (empties the tables and
+/// moves its stored offset back to 0, to re-ingest it). weir's next batch is
+/// fenced, and the lane reloads: it reads the stored offset and seeks there.
+/// That seek fails (a fail point stands in for librdkafka refusing it) for
+/// as long as the test says, while librdkafka goes on fetching the new
+/// records. The lane stays fenced, retries, and once the seek succeeds
+/// writes everything from 0, exactly once. Before: the failed seek was only
+/// logged, the lane restarted at 0 while librdkafka fetched from far later,
+/// and the batcher committed over the difference as a gap: every record
+/// below it lost.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_seek_fails_waits_for_the_seek_and_loses_nothing() {
+    let _ = recorder();
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("reseek", 1).await;
+    let s = db.schema.clone();
+    let (mut first, mut second) = common::generate(
+        Shape {
+            seed: 97,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        600,
+    )
+    .split(300);
+    common::produce(&topics, &mut first).await;
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, first.target(), Duration::from_secs(60)).await;
+
+    let webhooks = topics.webhooks();
+    db.client
+        .batch_execute(&format!(
+            "BEGIN;
+             TRUNCATE \"{s}\".webhook_logs, \"{s}\".wa_events, \"{s}\".messages, \"{s}\".weir_dead_letters;
+             UPDATE \"{s}\".weir_offsets SET next_offset = 0;
+             COMMIT;"
+        ))
+        .await
+        .expect("rewind to 0");
+    let failed_before = failed_reloads();
+    fail::cfg("reload-seek", &format!("return({webhooks})")).expect("fail point");
+    common::produce(&topics, &mut second).await;
+    common::eventually(
+        "the reload's seek fails twice (the lane stays fenced meanwhile)",
+        Duration::from_secs(60),
+        || async { failed_reloads() >= failed_before + 2.0 },
+    )
+    .await;
+    assert_eq!(
+        stored_at(&db, &group, &webhooks, 0).await,
+        Some(0),
+        "nothing is written while the seek fails"
+    );
+    fail::remove("reload-seek");
+    let all = first.join(second);
+    common::wait_for_offsets(&db, &group, all.target(), Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exactly_once(&db, &all, &topics).await;
+}
+
+/// Retention deleted records before weir read them: weir stored offset 20,
+/// and the log now starts far above it (librdkafka's mock cluster keeps
+/// 5 MiB a partition and deletes the oldest batches past that, as
+/// retention.bytes does). The fetch at 20 is out of range, librdkafka resets
+/// to the log's start, and weir goes on from there: the jump is a gap,
+/// counted in `weir_offset_gaps_total` and logged, and everything the log
+/// still holds is written exactly once. Before: the gap passed with a debug
+/// line and no metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_weir_read_them_are_a_counted_gap() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let recorder = recorder();
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::without_topics("retained").await;
+    for name in [topics.webhooks(), topics.chat()] {
+        mock.create_topic(&name, 1, 1).expect("mock topic");
+    }
+    config.kafka.brokers = mock.bootstrap_servers();
+    let webhooks = topics.webhooks();
+    db.client
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".weir_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, 0, 20)",
+                db.schema
+            ),
+            &[&group, &webhooks],
+        )
+        .await
+        .expect("the offset weir stored before retention ran");
+    let mut sent = common::generate(
+        Shape {
+            seed: 98,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        9_000,
+    );
+    let bytes: usize = sent.events.iter().map(|e| e.payload.len()).sum();
+    // Uncompressed batches of 200, so retention deletes a few at a time.
+    common::produce_with(&mock.bootstrap_servers(), "none", 200, &topics, &mut sent).await;
+    let probe: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "probe")
+        .create()
+        .expect("probe consumer");
+    let (start, end) = probe
+        .fetch_watermarks(&webhooks, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    println!("produced {bytes} bytes; the log holds offsets {start}..{end}");
+    assert!(
+        start > 20,
+        "retention deleted records past the stored offset"
+    );
+    // What the log still holds is what weir can and must write.
+    let (events, delivered) = sent
+        .events
+        .into_iter()
+        .zip(sent.delivered)
+        .filter(|(_, position)| position.is_some_and(|(_, offset)| offset >= start))
+        .unzip();
+    let held = common::Sent { events, delivered };
+
+    let running = Running::start(config);
+    common::eventually(
+        "the stored offset reaches the log's end",
+        Duration::from_secs(60),
+        || async { stored_at(&db, &group, &webhooks, 0).await == Some(end) },
+    )
+    .await;
+    running.stop().await;
+    let metrics = recorder.render();
+    let of_topic = |name: &str| {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&webhooks))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |sum, value| sum + value)
+    };
+    let (gaps, resets) = (
+        of_topic("weir_offset_gaps_total"),
+        of_topic("weir_offset_resets_total"),
+    );
+    println!("gaps {gaps}, resets {resets}");
+    assert_eq!(gaps, 1.0, "the jump from 20 to {start} is one counted gap");
+    assert_eq!(resets, 0.0, "a forward jump is not a reset");
+    common::assert_exactly_once(&db, &held, &topics).await;
+}

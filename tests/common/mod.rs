@@ -298,11 +298,22 @@ pub async fn produce(topics: &Topics, sent: &mut Sent) -> i64 {
 
 /// `produce` to the brokers at `brokers` (librdkafka's mock cluster, say).
 pub async fn produce_to(brokers: &str, topics: &Topics, sent: &mut Sent) -> i64 {
+    produce_with(brokers, "lz4", 10_000, topics, sent).await
+}
+
+/// `produce_to` with another compression codec and batch size.
+pub async fn produce_with(
+    brokers: &str,
+    compression: &str,
+    batch_messages: usize,
+    topics: &Topics,
+    sent: &mut Sent,
+) -> i64 {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("compression.type", "lz4")
+        .set("batch.num.messages", batch_messages.to_string())
+        .set("compression.type", compression)
         .set("message.max.bytes", "16000000")
         .create()
         .expect("producer");
