@@ -222,8 +222,8 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     client
         .batch_execute(&format!("CREATE SCHEMA \"{}\"", bench.schema))
         .await?;
-    let mut admin = weir::db::connect(&url, &bench.config.postgres, "bench").await?;
-    weir::schema::migrate(&mut admin, &bench.config, false)
+    let mut admin = weir::store::db::connect(&url, &bench.config.postgres, "bench").await?;
+    weir::store::schema::migrate(&mut admin, &bench.config, false)
         .await
         .context("migrate the bench schema")?;
 
@@ -414,23 +414,17 @@ impl Bench {
         now_secs: i64,
     ) -> anyhow::Result<Vec<CopyFile>> {
         let prepared = weir::pipeline::prepare(&self.config, admin).await?;
-        let decoder = weir::decode::Decoder {
-            mappings: prepared.mappings.clone(),
-            tables: prepared.tables.clone(),
-            max_event_bytes: self.config.pipeline.max_event_bytes,
-            oversize_bytes: self.config.dead_letters.max_payload_bytes,
-            empty_events: self.config.pipeline.empty_events,
-        };
+        let decoder = prepared.decoder(&self.config);
         let topic: Arc<str> = Arc::from(format!("{}.whatsapp.webhooks", self.prefix).as_str());
         let mut generator = Generator::new(Shape {
             now_secs,
             ..shape()
         });
         let now = now_secs * 1_000_000;
-        let inputs: Vec<weir::batch::Event> = (0..events)
+        let inputs: Vec<weir::event::Event> = (0..events)
             .map(|offset| {
                 let produced = generator.next_event();
-                weir::batch::Event {
+                weir::event::Event {
                     topic: topic.clone(),
                     partition: 0,
                     offset: offset as i64,
@@ -448,10 +442,10 @@ impl Bench {
         // Decoded batch by batch, as a writer does (12,000 bodies make about
         // the 20,000 rows of a default batch).
         let started = Instant::now();
-        let batches: Vec<weir::batch::Gathered> = inputs
+        let batches: Vec<weir::decode::Gathered> = inputs
             .chunks(12_000)
             .map(|chunk| {
-                let mut gathered = weir::batch::Gathered::default();
+                let mut gathered = weir::decode::Gathered::default();
                 for (message, event) in chunk.iter().enumerate() {
                     decoder.decode(event, message as u32, now, &mut gathered);
                 }
@@ -475,15 +469,9 @@ impl Bench {
         let mut files = Vec::new();
         for segment in batches.into_iter().flat_map(|b| b.segments) {
             let table = &prepared.tables[segment.table];
-            let leaf = match table.snapshot().exact(segment.lo, segment.hi) {
-                Some(leaf) => leaf.clone(),
-                None => {
-                    table
-                        .ensure(admin, segment.lo, segment.hi, lock_timeout)
-                        .await?
-                        .0
-                }
-            };
+            let (leaf, _) = table
+                .ensure(admin, segment.lo, segment.hi, lock_timeout)
+                .await?;
             let columns = prepared.mappings.sources[segment.source]
                 .column_list
                 .clone();
@@ -495,11 +483,11 @@ impl Bench {
             {
                 let path = dir.join(format!("{}-{}-{chunk}.bin", leaf.name, files.len()));
                 let mut data = Vec::with_capacity(sealed.buf.len() / 4);
-                data.extend_from_slice(weir::encode::COPY_HEADER);
+                data.extend_from_slice(weir::copy::COPY_HEADER);
                 let start = sealed.row_range(rows[0]).start;
                 let end = sealed.row_range(*rows.last().expect("non-empty chunk")).end;
                 data.extend_from_slice(&sealed.buf[start..end]);
-                data.extend_from_slice(weir::encode::COPY_TRAILER);
+                data.extend_from_slice(weir::copy::COPY_TRAILER);
                 std::fs::write(&path, &data)?;
                 set_mode(&path, 0o644)?;
                 files.push(CopyFile {

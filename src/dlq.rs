@@ -6,6 +6,7 @@
 //! transaction, so a dead letter is replayed at most once. One that fails
 //! again stays, with `attempts` incremented and the new reason.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +16,16 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-use crate::batch::{Event, Gathered, Stage};
 use crate::config::Config;
-use crate::db::{self, ErrorClass};
-use crate::deadletter::{DeadLetterTable, SIBLING_ENCODING, restore_payload};
+use crate::copy::now_micros;
+use crate::copy::segment::Sealed;
 use crate::decode::Decoder;
+use crate::decode::Gathered;
+use crate::event::{Event, Stage};
 use crate::pipeline::Prepared;
-use crate::writer::now_micros;
+use crate::store::db::{self, ErrorClass};
+use crate::store::deadletter::{DeadLetterTable, SIBLING_ENCODING, restore_payload};
+use crate::write::{Statements, plan, write_rows};
 
 /// Which dead letters a command applies to.
 #[derive(Debug, Clone, Default)]
@@ -332,6 +336,9 @@ pub struct ReplayReport {
     pub selected: usize,
     pub replayed: usize,
     pub rows_written: usize,
+    /// Rows already in a table with a dedupe key: skipped, as the live
+    /// path skips them; their dead letters count as replayed.
+    pub duplicates_skipped: usize,
     pub failed_again: usize,
     /// Truncated payloads cannot be replayed.
     pub skipped: usize,
@@ -348,13 +355,8 @@ pub async fn replay(
     dry_run: bool,
 ) -> Result<ReplayReport, String> {
     let dead = &prepared.dead_letters;
-    let decoder = Decoder {
-        mappings: prepared.mappings.clone(),
-        tables: prepared.tables.clone(),
-        max_event_bytes: config.pipeline.max_event_bytes,
-        oversize_bytes: config.dead_letters.max_payload_bytes,
-        empty_events: config.pipeline.empty_events,
-    };
+    let decoder = prepared.decoder(config);
+    let mut statements = Statements::default();
     let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     let mut filter = filter.clone();
     filter.include_replayed = false;
@@ -386,10 +388,20 @@ pub async fn replay(
     for row in &rows {
         let id: i64 = row.get(0);
         let failed_at: DateTime<Utc> = row.get(1);
-        match replay_one(&transaction, ddl, &decoder, row, lock_timeout).await? {
-            Outcome::Written(rows) => {
+        match replay_one(
+            &transaction,
+            ddl,
+            &mut statements,
+            &decoder,
+            row,
+            lock_timeout,
+        )
+        .await?
+        {
+            Outcome::Written(written) => {
                 report.replayed += 1;
-                report.rows_written += rows;
+                report.rows_written += written.rows;
+                report.duplicates_skipped += written.skipped;
                 transaction
                     .execute(
                         &format!(
@@ -430,8 +442,17 @@ pub async fn replay(
     Ok(report)
 }
 
+/// Rows one replayed dead letter wrote.
+#[derive(Default)]
+struct Written {
+    rows: usize,
+    /// Rows a dedupe key skipped: already in the table, as the live path
+    /// would have found them.
+    skipped: usize,
+}
+
 enum Outcome {
-    Written(usize),
+    Written(Written),
     Failed {
         stage: String,
         code: String,
@@ -443,6 +464,7 @@ enum Outcome {
 async fn replay_one(
     transaction: &tokio_postgres::Transaction<'_>,
     ddl: &mut Client,
+    statements: &mut Statements,
     decoder: &Decoder,
     row: &Row,
     lock_timeout: Duration,
@@ -496,47 +518,70 @@ async fn replay_one(
             message: letter.detail.clone(),
         });
     }
-    let mut written = 0;
+    // Only the rows this dead letter stands for (its table and item).
+    let segments: Vec<Sealed> = gathered.segments.into_iter().map(|s| s.seal()).collect();
+    let concerned: Vec<HashSet<usize>> = segments
+        .iter()
+        .map(|segment| {
+            let table = decoder.mappings.tables[segment.table].name();
+            segment
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| concerns(Some(table), Some(r.item)))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .collect();
+    // The live write path from here on: the same partitions (found or
+    // created), the same sinks (a dedupe key's staging table and
+    // `ON CONFLICT DO NOTHING`), the same `write_rows`.
+    let parts = plan::plan(ddl, &decoder.tables, &segments, lock_timeout)
+        .await
+        .map_err(|failure| failure.to_string())?;
+    let mut writes = Vec::new();
+    for part in parts {
+        let rows: Vec<usize> = part
+            .rows
+            .into_iter()
+            .filter(|row| concerned[part.segment].contains(row))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let segment = &segments[part.segment];
+        // Prepared outside the savepoint: a staging table created inside it
+        // would vanish with a rollback to it.
+        let sink = statements
+            .sink(
+                transaction,
+                &decoder.mappings,
+                &part.leaf.qualified(),
+                segment.source,
+            )
+            .await
+            .map_err(|e| db::describe(&e))?;
+        writes.push((segment, sink, rows));
+    }
+    if writes.is_empty() {
+        return Ok(Outcome::Failed {
+            stage: Stage::Route.as_str().into(),
+            code: "no_rows".into(),
+            message: "the event no longer yields a row for this table and item".into(),
+        });
+    }
     transaction
         .batch_execute("SAVEPOINT weir_replay")
         .await
         .map_err(|e| db::describe(&e))?;
-    for segment in gathered.segments {
-        let table_name = decoder.mappings.tables[segment.table].name().to_string();
-        let keep: Vec<usize> = segment
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| concerns(Some(&table_name), Some(r.item)))
-            .map(|(i, _)| i)
-            .collect();
-        if keep.is_empty() {
-            continue;
-        }
-        let managed = decoder.tables[segment.table].clone();
-        let leaf = match managed.snapshot().exact(segment.lo, segment.hi) {
-            Some(leaf) => leaf.clone(),
-            None => {
-                managed
-                    .ensure(ddl, segment.lo, segment.hi, lock_timeout)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .0
+    let mut written = Written::default();
+    for (segment, sink, rows) in &writes {
+        match write_rows(transaction, sink, segment, rows).await {
+            Ok(inserted) => {
+                let offered = rows.len() as u64;
+                written.rows += inserted.min(offered) as usize;
+                written.skipped += (offered - inserted.min(offered)) as usize;
             }
-        };
-        let source = &decoder.mappings.sources[segment.source];
-        let sealed = segment.seal();
-        let ranges: Vec<std::ops::Range<usize>> =
-            keep.iter().map(|&i| sealed.row_range(i)).collect();
-        let statement = format!(
-            "COPY {} {} FROM STDIN (FORMAT binary)",
-            leaf.qualified(),
-            source.column_list
-        );
-        let result =
-            crate::writer::copy_ranges(transaction, &statement, &sealed.buf, &ranges).await;
-        match result {
-            Ok(_) => written += keep.len(),
             Err(err) if db::classify(&err) == ErrorClass::Row => {
                 transaction
                     .batch_execute(
@@ -557,13 +602,6 @@ async fn replay_one(
         .batch_execute("RELEASE SAVEPOINT weir_replay")
         .await
         .map_err(|e| db::describe(&e))?;
-    if written == 0 {
-        return Ok(Outcome::Failed {
-            stage: Stage::Route.as_str().into(),
-            code: "no_rows".into(),
-            message: "the event no longer yields a row for this table and item".into(),
-        });
-    }
     Ok(Outcome::Written(written))
 }
 

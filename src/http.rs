@@ -24,12 +24,10 @@ pub async fn serve(
     listen: SocketAddr,
     metrics: PrometheusHandle,
     health: Arc<Health>,
-) -> Result<tokio::task::JoinHandle<()>, crate::pipeline::StartError> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|err| {
-        crate::pipeline::StartError::Other(format!(
-            "cannot listen on {listen} (http.listen): {err}"
-        ))
-    })?;
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| format!("cannot listen on {listen} (http.listen): {err}"))?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))

@@ -3,35 +3,48 @@
 //! when missing), exactly once, with failures kept in a compressed
 //! dead-letter table and per-stage latency metrics.
 //!
-//! Modules by concern, in the order data flows through them:
-//! - [`config`]: the TOML file, environment overrides, validation;
-//! - [`consumer`]: the Kafka consumer thread, lanes, positions, backpressure;
-//! - [`decode`], [`pointer`], [`mapping`]: JSON events to typed rows;
-//! - [`encode`]: PostgreSQL's binary COPY format;
-//! - [`partition`]: time ranges, the partition cache, creation on demand;
-//! - [`writer`], [`batch`], [`offsets`]: batches, transactions, fencing;
-//! - [`deadletter`], [`dlq`]: what could not be written, and why; inspect and replay;
-//! - [`db`], [`catalog`], [`schema`]: sessions, errors, the catalog, migrations;
-//! - [`metrics`], [`health`], [`http`]: what operators see;
-//! - [`pipeline`], [`maintenance`]: wiring, start-up, shutdown, upkeep.
+//! The modules, in the order data flows through them:
+//!
+//! ```text
+//! Kafka ─▶ source ─lane─▶ batch (decode ─▶ copy) ─▶ write ─▶ PostgreSQL (store)
+//!            ▲                                         │
+//!            └──────── Request (commit, reload) ◀──────┘
+//! ```
+//!
+//! - [`source`]: the Kafka consumer thread: lanes, epochs, positions read
+//!   from PostgreSQL, rebalances, backpressure;
+//! - [`lane`]: the contract between the source and the writers (lane
+//!   events, requests back, the in-flight budget);
+//! - [`decode`]: the table mappings, JSON pointers; one event to encoded
+//!   rows and dead letters;
+//! - [`copy`]: PostgreSQL's binary COPY format, segments, streaming;
+//! - [`batch`]: the batcher and its cut rules (rows, bytes, linger);
+//! - [`write`]: one batch, one transaction: fencing, COPY, dead letters,
+//!   bisection of bad rows;
+//! - [`store`]: what weir keeps in PostgreSQL: sessions, catalog,
+//!   partitions, offsets, the dead-letter table, migrations;
+//! - [`event`]: a Kafka message and its dead letters, as they flow;
+//! - [`pipeline`] wires the stages; [`maintenance`] keeps partitions ahead
+//!   and prunes old ones; [`dlq`] inspects and replays dead letters;
+//! - [`config`], [`metrics`], [`health`], [`http`]: settings and what
+//!   operators see.
+//!
+//! Lower layers never import higher ones: `config`, `metrics`, `event` ◀
+//! `copy` ◀ `store` ◀ `decode` ◀ `lane` ◀ `batch` ◀ `write` ◀ `source` ◀
+//! `pipeline`, `maintenance`, `dlq`.
 
 pub mod batch;
-pub mod catalog;
 pub mod config;
-pub mod consumer;
-pub mod db;
-pub mod deadletter;
+pub mod copy;
 pub mod decode;
 pub mod dlq;
-pub mod encode;
+pub mod event;
 pub mod health;
 pub mod http;
+pub mod lane;
 pub mod maintenance;
-pub mod mapping;
 pub mod metrics;
-pub mod offsets;
-pub mod partition;
 pub mod pipeline;
-pub mod pointer;
-pub mod schema;
-pub mod writer;
+pub mod source;
+pub mod store;
+pub mod write;

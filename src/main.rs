@@ -82,7 +82,7 @@ struct DlqFilter {
 impl DlqFilter {
     fn build(&self) -> anyhow::Result<weir::dlq::Filter> {
         if let Some(stage) = &self.stage
-            && weir::batch::Stage::parse(stage).is_none()
+            && weir::event::Stage::parse(stage).is_none()
         {
             bail!("--stage must be decode, validate, route or write (got `{stage}`)");
         }
@@ -256,10 +256,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn migrate(config: Config, internal_only: bool) -> anyhow::Result<()> {
     let url = config.require_database_url()?;
-    let mut client = weir::db::connect(url, &config.postgres, "migrate").await?;
-    let applied = weir::schema::migrate(&mut client, &config, internal_only)
+    let mut client = weir::store::db::connect(url, &config.postgres, "migrate").await?;
+    let applied = weir::store::schema::migrate(&mut client, &config, internal_only)
         .await
-        .map_err(|err| anyhow!("migration failed: {}", weir::db::describe(&err)))?;
+        .map_err(|err| anyhow!("migration failed: {}", weir::store::db::describe(&err)))?;
     for step in applied {
         println!("applied {step}");
     }
@@ -268,7 +268,7 @@ async fn migrate(config: Config, internal_only: bool) -> anyhow::Result<()> {
 
 async fn check(config: Config) -> anyhow::Result<()> {
     let url = config.require_database_url()?;
-    let mut client = weir::db::connect(url, &config.postgres, "check").await?;
+    let mut client = weir::store::db::connect(url, &config.postgres, "check").await?;
     println!("postgres: connected");
     let prepared = weir::pipeline::prepare(&config, &mut client).await?;
     for (table, managed) in prepared.mappings.tables.iter().zip(&prepared.tables) {
@@ -295,7 +295,7 @@ async fn check(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let consumer: BaseConsumer = weir::consumer::client_config(&config)
+    let consumer: BaseConsumer = weir::source::client_config(&config)
         .create()
         .context("kafka client configuration")?;
     let metadata =
@@ -322,7 +322,7 @@ async fn check(config: Config) -> anyhow::Result<()> {
 async fn partitions(config: Config, command: PartitionsCommand) -> anyhow::Result<()> {
     use weir::maintenance;
     let url = config.require_database_url()?;
-    let mut client = weir::db::connect(url, &config.postgres, "partitions").await?;
+    let mut client = weir::store::db::connect(url, &config.postgres, "partitions").await?;
     let prepared = weir::pipeline::prepare(&config, &mut client).await?;
     let wanted = match &command {
         PartitionsCommand::List { table }
@@ -336,7 +336,7 @@ async fn partitions(config: Config, command: PartitionsCommand) -> anyhow::Resul
         bail!("no table `{name}` in the configuration");
     }
     let retention = maintenance::retention_for(&config, &prepared.mappings);
-    let mut managed: Vec<(Arc<weir::partition::ManagedTable>, String, u32)> = prepared
+    let mut managed: Vec<(Arc<weir::store::partition::ManagedTable>, String, u32)> = prepared
         .tables
         .iter()
         .zip(&prepared.mappings.tables)
@@ -425,15 +425,15 @@ struct PartialFailure(String);
 
 async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
     let url = config.require_database_url()?;
-    let mut client = weir::db::connect(url, &config.postgres, "dlq").await?;
-    let dead = weir::deadletter::DeadLetterTable::new(&config);
+    let mut client = weir::store::db::connect(url, &config.postgres, "dlq").await?;
+    let dead = weir::store::deadletter::DeadLetterTable::new(&config);
     match command {
         DlqCommand::List { filter, all, limit } => {
             let mut filter = filter.build()?;
             filter.include_replayed = all;
             let rows = weir::dlq::list(&client, &dead, &filter, limit)
                 .await
-                .map_err(|e| anyhow!(weir::db::describe(&e)))?;
+                .map_err(|e| anyhow!(weir::store::db::describe(&e)))?;
             println!(
                 "{:>8}  {:<20} {:<9} {:<26} {:<13} {:<40} {:>3} {:>8}  MESSAGE",
                 "ID", "FAILED AT", "STAGE", "CODE", "TABLE", "SOURCE", "TRY", "BYTES"
@@ -470,7 +470,7 @@ async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
         } => {
             let filter = filter.build()?;
             let prepared = weir::pipeline::prepare(&config, &mut client).await?;
-            let mut ddl = weir::db::connect(url, &config.postgres, "dlq-ddl").await?;
+            let mut ddl = weir::store::db::connect(url, &config.postgres, "dlq-ddl").await?;
             let report = weir::dlq::replay(
                 &mut client,
                 &mut ddl,
@@ -483,7 +483,7 @@ async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow!(e))?;
             println!(
-                "{}selected {}, replayed {} ({} rows written), failed again {}, skipped {} (truncated payloads)",
+                "{}selected {}, replayed {} ({} rows written, {} already there and skipped by the dedupe key), failed again {}, skipped {} (truncated payloads)",
                 if dry_run {
                     "dry run (nothing changed): "
                 } else {
@@ -492,6 +492,7 @@ async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
                 report.selected,
                 report.replayed,
                 report.rows_written,
+                report.duplicates_skipped,
                 report.failed_again,
                 report.skipped
             );
@@ -520,7 +521,7 @@ async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow!("--older-than: {e}"))?;
             let deleted = weir::dlq::purge(&mut client, &dead, &filter, older_than, dry_run)
                 .await
-                .map_err(|e| anyhow!(weir::db::describe(&e)))?;
+                .map_err(|e| anyhow!(weir::store::db::describe(&e)))?;
             println!(
                 "{}{deleted} dead letter(s) purged",
                 if dry_run { "dry run: would have " } else { "" }

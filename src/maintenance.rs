@@ -30,11 +30,12 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
-use crate::catalog::{qualify, quote_ident};
 use crate::config::Config;
-use crate::mapping::Mappings;
-use crate::partition::{ADVISORY_LOCK_CLASS, Leaf, ManagedTable, PartitionError};
-use crate::writer::now_micros;
+use crate::copy::now_micros;
+use crate::decode::mapping::Mappings;
+use crate::store::catalog::{qualify, quote_ident};
+use crate::store::journal::journal_table;
+use crate::store::partition::{ADVISORY_LOCK_CLASS, Leaf, ManagedTable, PartitionError};
 
 /// What to do with one table's old partitions.
 #[derive(Debug, Clone)]
@@ -81,37 +82,13 @@ impl std::fmt::Display for Action {
 pub enum MaintenanceError {
     #[error(transparent)]
     Partition(#[from] PartitionError),
-    #[error("postgres: {}", crate::db::describe(.0))]
+    #[error("postgres: {}", crate::store::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("archive {path}: {source}")]
     Archive {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// Journal of retention steps, next to the offsets table.
-pub fn journal_table(config: &Config) -> String {
-    let (schema, _) =
-        crate::catalog::split_name(&config.postgres.offsets_table, &config.postgres.schema);
-    qualify(schema, "weir_partition_jobs")
-}
-
-pub fn journal_ddl(config: &Config) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (
-            parent_oid   oid         NOT NULL,
-            parent       text        NOT NULL,
-            partition    text        NOT NULL,  -- schema-qualified, quoted
-            lower_bound  bigint      NOT NULL,  -- Unix microseconds
-            upper_bound  bigint      NOT NULL,
-            state        text        NOT NULL,  -- detaching | detached | archived
-            archive_path text,
-            updated_at   timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (partition)
-        );",
-        journal_table(config)
-    )
 }
 
 /// Creates the partition holding now and the `ahead` following ones.
@@ -136,15 +113,11 @@ pub async fn premake(
             if dry_run {
                 actions.push(Action::Created(qualify(
                     &table.schema,
-                    &crate::partition::leaf_name(&table.name, lo),
+                    &crate::store::partition::leaf_name(&table.name, lo),
                 )));
             } else {
                 match table.ensure(client, lo, hi, lock_timeout).await {
-                    Ok((leaf, true)) => {
-                        metrics::counter!(crate::metrics::PARTITIONS_CREATED, "table" => table.name.clone())
-                            .increment(1);
-                        actions.push(Action::Created(leaf.qualified()));
-                    }
+                    Ok((leaf, true)) => actions.push(Action::Created(leaf.qualified())),
                     Ok((_, false)) | Err(PartitionError::Overlap) => {}
                     Err(err) => return Err(err),
                 }
@@ -498,13 +471,14 @@ pub async fn run_loop(
     let interval = Duration::from_millis(config.maintenance.interval_ms);
     loop {
         tokio::time::sleep(interval).await;
-        let mut client = match crate::db::connect(&url, &config.postgres, "maintenance").await {
-            Ok(client) => client,
-            Err(err) => {
-                tracing::warn!(error = %err, "maintenance cannot connect; will retry");
-                continue;
-            }
-        };
+        let mut client =
+            match crate::store::db::connect(&url, &config.postgres, "maintenance").await {
+                Ok(client) => client,
+                Err(err) => {
+                    tracing::warn!(error = %err, "maintenance cannot connect; will retry");
+                    continue;
+                }
+            };
         if let Err(err) = run_once(
             &mut client,
             &config,

@@ -7,12 +7,12 @@
 //! clear error and a non-zero exit.
 //!
 //! Shutdown (SIGINT/SIGTERM): the consumer stops taking messages and closes
-//! the writers' queues; batchers cut what they hold; flushers commit what
+//! the writers' queues; batchers cut what they hold; writers commit what
 //! they can within `shutdown_grace_ms`; whatever is not committed by then is
 //! rolled back (a transaction is all or nothing) and will be read again by
 //! the partition's next owner.
 //!
-//! Writer tasks are supervised: a batcher or flusher that ends before
+//! Writer tasks are supervised: a batcher or writer that ends before
 //! shutdown (a panic, say) would leave its lanes dead while the consumer
 //! went on reading, so instead the whole process stops, loudly and with a
 //! non-zero exit. Nothing is lost: what the dead task held was never
@@ -27,18 +27,20 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_postgres::Client;
 
-use crate::catalog::{self, CatalogError};
+use crate::batch::Batcher;
 use crate::config::{Config, ConfigError, Granularity};
-use crate::consumer::{self, ConsumerParts, InFlight};
-use crate::db::{self, ConnectError};
-use crate::deadletter::DeadLetterTable;
+use crate::copy::PgType;
 use crate::decode::Decoder;
-use crate::encode::PgType;
+use crate::decode::mapping::{self, Mappings};
 use crate::health::Health;
+use crate::lane::InFlight;
 use crate::maintenance;
-use crate::mapping::{self, Mappings};
-use crate::partition::{self, ManagedTable, PartitionError, load_partitions};
-use crate::writer::{Batcher, Flusher};
+use crate::source::{self, ConsumerParts};
+use crate::store::catalog::{self, CatalogError};
+use crate::store::db::{self, ConnectError};
+use crate::store::deadletter::DeadLetterTable;
+use crate::store::partition::{self, ManagedTable, PartitionError, load_partitions};
+use crate::write::{Shared, Writer};
 
 /// Why weir could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -88,10 +90,23 @@ pub struct Prepared {
     pub dead_letter_partitions: Arc<ManagedTable>,
 }
 
+impl Prepared {
+    /// The decoder of these tables under `config`.
+    pub fn decoder(&self, config: &Config) -> Decoder {
+        Decoder {
+            mappings: self.mappings.clone(),
+            tables: self.tables.clone(),
+            max_event_bytes: config.pipeline.max_event_bytes,
+            oversize_bytes: config.dead_letters.max_payload_bytes,
+            empty_events: config.pipeline.empty_events,
+        }
+    }
+}
+
 /// Connects, makes sure weir's own tables exist, reads the catalog and
 /// compiles every mapping against it.
 pub async fn prepare(config: &Config, client: &mut Client) -> Result<Prepared, StartError> {
-    crate::schema::ensure_internal(client, config).await?;
+    crate::store::schema::ensure_internal(client, config).await?;
     let mut infos = Vec::new();
     for table in &config.tables {
         infos.push(catalog::load_table(client, &table.name, &config.postgres.schema).await?);
@@ -188,17 +203,21 @@ pub async fn run(
     let writers = config.postgres.writers;
     let health = Arc::new(Health::new(writers));
     let in_flight = Arc::new(InFlight::default());
-    let decoder = Arc::new(Decoder {
-        mappings: prepared.mappings.clone(),
-        tables: prepared.tables.clone(),
-        max_event_bytes: config.pipeline.max_event_bytes,
-        oversize_bytes: config.dead_letters.max_payload_bytes,
-        empty_events: config.pipeline.empty_events,
-    });
+    let decoder = Arc::new(prepared.decoder(&config));
     let (request_tx, request_rx) = std::sync::mpsc::channel();
     let (died_tx, mut died_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut lane_senders = Vec::with_capacity(writers);
-    let mut flushers = Vec::with_capacity(writers);
+    let mut writers_done = Vec::with_capacity(writers);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        database_url: url.clone(),
+        decoder: decoder.clone(),
+        dead_letters: prepared.dead_letters.clone(),
+        dead_letter_partitions: prepared.dead_letter_partitions.clone(),
+        requests: request_tx,
+        in_flight: in_flight.clone(),
+        health: health.clone(),
+    });
     let mut batchers = Vec::with_capacity(writers);
     for index in 0..writers {
         let (lane_tx, lane_rx) = tokio::sync::mpsc::channel(config.pipeline.queue_messages);
@@ -207,7 +226,7 @@ pub async fn run(
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(1);
         lane_senders.push(lane_tx);
         // Recycled COPY buffers: at most one batch's worth per writer.
-        let pool = crate::batch::BufferPool::new(config.pipeline.batch_max_bytes);
+        let pool = crate::copy::pool::BufferPool::new(config.pipeline.batch_max_bytes);
         batchers.push(tokio::spawn(supervised(
             format!("writer {index} batcher"),
             died_tx.clone(),
@@ -223,25 +242,14 @@ pub async fn run(
             }
             .run(),
         )));
-        let mut flusher = Flusher::new(
-            index,
-            config.clone(),
-            url.clone(),
-            decoder.clone(),
-            prepared.dead_letters.clone(),
-            prepared.dead_letter_partitions.clone(),
-            request_tx.clone(),
-            in_flight.clone(),
-            health.clone(),
-        );
-        flusher.pool = pool;
-        flushers.push(tokio::spawn(supervised(
-            format!("writer {index} flusher"),
+        writers_done.push(tokio::spawn(supervised(
+            format!("writer {index}"),
             died_tx.clone(),
-            flusher.run(batch_rx),
+            Writer::new(index, shared.clone(), pool).run(batch_rx),
         )));
     }
-    drop(request_tx);
+    // The request channel closes once every writer is done with `shared`.
+    drop(shared);
     drop(died_tx);
 
     let http =
@@ -261,7 +269,9 @@ pub async fn run(
                         }
                     });
                 Some((
-                    crate::http::serve(config.http.listen, handle, health.clone()).await?,
+                    crate::http::serve(config.http.listen, handle, health.clone())
+                        .await
+                        .map_err(StartError::Other)?,
                     upkeep,
                 ))
             }
@@ -295,7 +305,7 @@ pub async fn run(
     std::thread::Builder::new()
         .name("weir-consumer".into())
         .spawn(move || {
-            let result = consumer::run(parts);
+            let result = source::run(parts);
             let _ = consumer_done_tx.send(result);
         })
         .map_err(|err| StartError::Other(format!("cannot start the consumer thread: {err}")))?;
@@ -327,8 +337,8 @@ pub async fn run(
         for batcher in batchers {
             let _ = batcher.await;
         }
-        for flusher in flushers.iter_mut() {
-            let _ = flusher.await;
+        for writer in writers_done.iter_mut() {
+            let _ = writer.await;
         }
     })
     .await;
@@ -337,8 +347,8 @@ pub async fn run(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace period over: abandoning uncommitted batches (rolled back, read again by the next owner)"
         );
-        for flusher in &flushers {
-            flusher.abort();
+        for writer in &writers_done {
+            writer.abort();
         }
     }
     let consumer_result = match early {
@@ -408,13 +418,13 @@ mod tests {
     #[tokio::test]
     async fn a_writer_task_that_panics_is_reported_with_its_message() {
         let (died, mut deaths) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(supervised("writer 3 flusher".into(), died, async {
+        let task = tokio::spawn(supervised("writer 3".into(), died, async {
             panic!("boom");
         }));
         task.await.expect("the supervisor catches the panic");
         assert_eq!(
             deaths.recv().await.as_deref(),
-            Some("writer 3 flusher panicked: boom")
+            Some("writer 3 panicked: boom")
         );
     }
 

@@ -1,14 +1,14 @@
 //! Binary COPY round trips, against a real PostgreSQL, for every column type
-//! weir writes: values encoded by `weir::encode` are COPY'd in and read back
+//! weir writes: values encoded by `weir::copy` are COPY'd in and read back
 //! as PostgreSQL's own text output. Column types are resolved by
-//! `weir::catalog`, as in production (domains, enums, arrays included).
+//! `weir::store::catalog`, as in production (domains, enums, arrays included).
 
 mod common;
 
 use bytes::BytesMut;
 use serde_json::{Value, json};
 use weir::config::TimeUnit;
-use weir::encode::{self, Input};
+use weir::copy::{self, Input};
 
 /// One input and the text PostgreSQL must give back (`None`: NULL).
 struct Case {
@@ -32,7 +32,7 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
         .batch_execute(&format!("CREATE TABLE {table} (id int4, v {sql_type})"))
         .await
         .unwrap_or_else(|err| panic!("create table for {sql_type}: {err}"));
-    let info = weir::catalog::load_table(&db.client, &table, &db.schema)
+    let info = weir::store::catalog::load_table(&db.client, &table, &db.schema)
         .await
         .expect("catalog");
     let ty = info.columns[1]
@@ -41,24 +41,24 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
         .unwrap_or_else(|name| panic!("{sql_type} should be supported, got {name}"));
 
     let mut buf = BytesMut::new();
-    encode::write_header(&mut buf);
+    copy::write_header(&mut buf);
     for (id, case) in cases.iter().enumerate() {
-        encode::begin_row(&mut buf, 2);
-        encode::write_field(
+        copy::begin_row(&mut buf, 2);
+        copy::write_field(
             &mut buf,
-            &encode::PgType::Int4,
+            &copy::PgType::Int4,
             Input::Int(id as i64),
             TimeUnit::Seconds,
         )
         .expect("id");
         if case.input.is_null() {
-            encode::write_null(&mut buf);
+            copy::write_null(&mut buf);
         } else {
-            encode::write_field(&mut buf, &ty, Input::Json(&case.input), TimeUnit::Seconds)
+            copy::write_field(&mut buf, &ty, Input::Json(&case.input), TimeUnit::Seconds)
                 .unwrap_or_else(|err| panic!("{sql_type}: encoding {}: {err}", case.input));
         }
     }
-    buf.extend_from_slice(encode::COPY_TRAILER);
+    buf.extend_from_slice(copy::COPY_TRAILER);
     let sink = db
         .client
         .copy_in::<_, bytes::Bytes>(&format!("COPY {table} (id, v) FROM STDIN (FORMAT binary)"))
@@ -333,13 +333,13 @@ async fn values_that_do_not_fit_are_refused_before_postgresql_sees_them() {
         .batch_execute("CREATE TYPE delivery AS ENUM ('sent', 'read'); CREATE TABLE r (a varchar(3), b delivery, c int2, d uuid, e jsonb, f text)")
         .await
         .expect("table");
-    let info = weir::catalog::load_table(&db.client, "r", &db.schema)
+    let info = weir::store::catalog::load_table(&db.client, "r", &db.schema)
         .await
         .expect("catalog");
     let ty = |i: usize| info.columns[i].ty.clone().expect("supported");
     let refuse = |i: usize, value: Value| {
         let mut buf = BytesMut::new();
-        encode::write_field(&mut buf, &ty(i), Input::Json(&value), TimeUnit::Seconds)
+        copy::write_field(&mut buf, &ty(i), Input::Json(&value), TimeUnit::Seconds)
             .expect_err("should be refused")
             .code()
     };

@@ -99,7 +99,7 @@ async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() 
                 code: "out_of_range",
             });
     }
-    let dead_table = weir::deadletter::DeadLetterTable::new(&config);
+    let dead_table = weir::store::deadletter::DeadLetterTable::new(&config);
     let running = Running::start(config);
     common::wait_for_offsets(&db, &group, 21, Duration::from_secs(60)).await;
     running.stop().await;
@@ -479,7 +479,7 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
 
     // From now on the writer of webhooks partition 0 cannot commit.
     let stuck_topic = topics.webhooks();
-    let stuck_writer = weir::consumer::writer_for(&stuck_topic, 0, writers);
+    let stuck_writer = weir::lane::writer_for(&stuck_topic, 0, writers);
     let mut locker = common::connect(&common::stack().database_url).await;
     let lock = locker.transaction().await.expect("begin");
     lock.query_one(
@@ -502,7 +502,7 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
     let free: Vec<((String, i32), i64)> = ends
         .iter()
         .filter(|((topic, partition), _)| {
-            weir::consumer::writer_for(topic, *partition, writers) != stuck_writer
+            weir::lane::writer_for(topic, *partition, writers) != stuck_writer
         })
         .map(|(key, end)| (key.clone(), *end))
         .collect();

@@ -769,12 +769,14 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
     );
 
     // Replay before the fix: every one fails again, attempts go up.
-    let mut client = weir::db::connect(&common::stack().database_url, &config.postgres, "test")
-        .await
-        .expect("connect");
-    let mut ddl = weir::db::connect(&common::stack().database_url, &config.postgres, "test-ddl")
-        .await
-        .expect("connect");
+    let mut client =
+        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test")
+            .await
+            .expect("connect");
+    let mut ddl =
+        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test-ddl")
+            .await
+            .expect("connect");
     let prepared = weir::pipeline::prepare(&config, &mut client)
         .await
         .expect("prepare");
@@ -857,4 +859,106 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         "replayed dead letters are not replayed twice"
     );
     common::assert_exactly_once(&db, &sent, &topics).await;
+}
+
+/// Replay goes through the live write path. Rows refused by a constraint
+/// became dead letters; the constraint was fixed, and the webhook gateway
+/// delivered the same events again (as Meta retries), so weir wrote those
+/// rows live. A replay of the old dead letters then finds each row already
+/// in `messages`, whose dedupe key skips it, as the live path did: every
+/// dead letter counts as replayed, nothing fails, nothing is written twice.
+/// Before: replay COPYed straight into the partition, and every one failed
+/// again with 23505.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_skips_rows_a_dedupe_key_finds_already_written() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("replaydup", 1).await;
+    let s = db.schema.clone();
+    db.client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".messages ADD CONSTRAINT no_codes CHECK (body NOT LIKE '%código%')"
+        ))
+        .await
+        .expect("constraint");
+    let shape = common::webhooks::Shape {
+        seed: 52,
+        chat_share: 0.5,
+        ..Default::default()
+    };
+    let mut first = common::generate(shape.clone(), 800);
+    let target = common::produce(&topics, &mut first).await;
+    let running = Running::start(config.clone());
+    common::wait_for_offsets(&db, &group, target, Duration::from_secs(60)).await;
+    let refused = db
+        .count(&format!(
+            "SELECT count(*) FROM \"{s}\".weir_dead_letters WHERE stage = 'write' AND code = '23514'"
+        ))
+        .await;
+    assert!(
+        refused > 0,
+        "rows refused by the constraint became dead letters"
+    );
+
+    // The fix, then the same events again: weir writes the refused rows now.
+    db.client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".messages DROP CONSTRAINT no_codes"
+        ))
+        .await
+        .expect("fix");
+    let mut again = common::generate(shape, 800);
+    let target = common::produce(&topics, &mut again).await;
+    common::wait_for_offsets(&db, &group, target, Duration::from_secs(60)).await;
+    running.stop().await;
+    let messages = db
+        .count(&format!("SELECT count(*) FROM \"{s}\".messages"))
+        .await;
+
+    let mut client =
+        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test")
+            .await
+            .expect("connect");
+    let mut ddl =
+        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test-ddl")
+            .await
+            .expect("connect");
+    let prepared = weir::pipeline::prepare(&config, &mut client)
+        .await
+        .expect("prepare");
+    let report = weir::dlq::replay(
+        &mut client,
+        &mut ddl,
+        &config,
+        &prepared,
+        &weir::dlq::Filter::default(),
+        10_000,
+        false,
+    )
+    .await
+    .expect("replay");
+    println!("{report:?}");
+    assert_eq!(report.failed_again, 0, "no dead letter fails again");
+    assert_eq!(report.replayed, refused as usize);
+    assert_eq!(
+        (report.rows_written, report.duplicates_skipped),
+        (0, refused as usize),
+        "every replayed row was already there, and was skipped"
+    );
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM \"{s}\".messages"))
+            .await,
+        messages,
+        "nothing written twice"
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM \"{s}\".weir_dead_letters WHERE replayed_at IS NULL"
+        ))
+        .await,
+        0
+    );
 }

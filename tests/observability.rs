@@ -282,10 +282,10 @@ async fn readiness_follows_postgresql_down_and_up() {
     let mut config = common::config("public", &topics, &group, "");
     config.database_url = Some(weir::config::Secret::new(url.clone()));
     config.pipeline.retry_max_ms = 1000;
-    let mut client = weir::db::connect(&url, &config.postgres, "test")
+    let mut client = weir::store::db::connect(&url, &config.postgres, "test")
         .await
         .expect("connect");
-    weir::schema::migrate(&mut client, &config, false)
+    weir::store::schema::migrate(&mut client, &config, false)
         .await
         .expect("migrate");
     drop(client);

@@ -14,8 +14,8 @@ use common::webhooks::Shape;
 use common::{Fixture, TestDb, Topics};
 use sha2::Digest;
 use weir::config::{Granularity, PostgresConfig};
-use weir::encode::PgType;
-use weir::partition::{ManagedTable, load_partitions};
+use weir::copy::PgType;
+use weir::store::partition::{ManagedTable, load_partitions};
 
 fn postgres(schema: &str) -> PostgresConfig {
     PostgresConfig {
@@ -25,10 +25,11 @@ fn postgres(schema: &str) -> PostgresConfig {
 }
 
 async fn managed(db: &TestDb, table: &str, granularity: Granularity) -> ManagedTable {
-    let client = weir::db::connect(&common::stack().database_url, &postgres(&db.schema), "test")
-        .await
-        .expect("connect");
-    let info = weir::catalog::load_table(&client, table, &db.schema)
+    let client =
+        weir::store::db::connect(&common::stack().database_url, &postgres(&db.schema), "test")
+            .await
+            .expect("connect");
+    let info = weir::store::catalog::load_table(&client, table, &db.schema)
         .await
         .expect("catalog");
     let set = load_partitions(&client, info.oid)
@@ -72,7 +73,7 @@ async fn four_concurrent_creators_make_one_partition_per_range() {
         // Each creator is a separate session with its own partition cache,
         // as four processes would be, and takes the ranges in its own order.
         let table = managed(&db, "events", Granularity::Month).await;
-        let mut client = weir::db::connect(
+        let mut client = weir::store::db::connect(
             &common::stack().database_url,
             &postgres(&db.schema),
             "creator",
@@ -338,7 +339,7 @@ async fn retention_archives_and_drops_only_what_is_wholly_expired_and_finishes_i
     let s = db.schema.clone();
 
     let table = managed(&db, "webhook_logs", Granularity::Day).await;
-    let mut client = weir::db::connect(&common::stack().database_url, &postgres(&s), "test")
+    let mut client = weir::store::db::connect(&common::stack().database_url, &postgres(&s), "test")
         .await
         .expect("connect");
     let today = Utc::now().date_naive();
@@ -391,7 +392,7 @@ async fn retention_archives_and_drops_only_what_is_wholly_expired_and_finishes_i
         )
         .await
         .expect("insert");
-    let journal = weir::maintenance::journal_table(&config);
+    let journal = weir::store::journal::journal_table(&config);
     db.client
         .batch_execute(&format!(
             "ALTER TABLE \"{s}\".webhook_logs DETACH PARTITION {q};

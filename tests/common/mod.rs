@@ -110,10 +110,11 @@ impl TestDb {
 
     /// Runs `weir migrate` (bundled tables plus weir's own) into the schema.
     pub async fn migrate(&self, config: &weir::config::Config) {
-        let mut client = weir::db::connect(&stack().database_url, &config.postgres, "test-migrate")
-            .await
-            .expect("connect for migrate");
-        weir::schema::migrate(&mut client, config, false)
+        let mut client =
+            weir::store::db::connect(&stack().database_url, &config.postgres, "test-migrate")
+                .await
+                .expect("connect for migrate");
+        weir::store::schema::migrate(&mut client, config, false)
             .await
             .expect("migrate the bundled schema");
     }
@@ -397,13 +398,23 @@ pub async fn offsets_hold_still(db: &TestDb) -> i64 {
     first
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a test's HTTP endpoint, bound later by
+/// weir. Taken below Linux's ephemeral range (32768 and up): a port the
+/// kernel hands out for `:0` can be taken meanwhile by any outgoing
+/// connection (the Kafka clients open many), and weir then fails to bind.
+/// Ports handed out are remembered, so two tests never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 600) as u16 * 20;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_768, "no free port left below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Writes a config file for a weir process.

@@ -7,12 +7,13 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use weir::batch::{Event, Gathered};
-use weir::catalog::{ColumnInfo, TableInfo};
+use weir::decode::Gathered;
+use weir::event::Event;
+use weir::store::catalog::{ColumnInfo, TableInfo};
 use weir::config::{Config, EmptyEvents};
 use weir::decode::Decoder;
-use weir::encode::PgType;
-use weir::partition::{ManagedTable, PartitionSet};
+use weir::copy::PgType;
+use weir::store::partition::{ManagedTable, PartitionSet};
 
 /// The shipped tables, as the catalog describes them (config/schema/*.sql).
 fn catalog(name: &str) -> TableInfo {
@@ -63,7 +64,7 @@ fn decoder() -> &'static Decoder {
     DECODER.get_or_init(|| {
         let config = Config::from_toml(include_str!("../../../config/weir.toml"), &[]).expect("shipped config");
         let infos = config.tables.iter().map(|t| catalog(&t.name)).collect();
-        let mappings = weir::mapping::compile(&config.tables, infos).expect("shipped mapping");
+        let mappings = weir::decode::mapping::compile(&config.tables, infos).expect("shipped mapping");
         let tables = mappings
             .tables
             .iter()

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::deadletter::{DeadLetterTable, restore_payload};
+use weir::store::deadletter::{DeadLetterTable, restore_payload};
 
 fuzz_target!(|data: &[u8]| {
     let cap = 64 * 1024;

@@ -7,25 +7,25 @@
 
 use tokio_postgres::Client;
 
-use crate::catalog::{qualify, split_name};
 use crate::config::Config;
-use crate::deadletter::DeadLetterTable;
-use crate::offsets::OffsetStore;
-use crate::partition::ADVISORY_LOCK_CLASS;
+use crate::store::catalog::{qualify, split_name};
+use crate::store::deadletter::DeadLetterTable;
+use crate::store::offsets::OffsetStore;
+use crate::store::partition::ADVISORY_LOCK_CLASS;
 
 /// The bundled SQL files, in order: (file name, SQL).
 pub const BUNDLED: &[(&str, &str)] = &[
     (
         "010_wa_events.sql",
-        include_str!("../config/schema/010_wa_events.sql"),
+        include_str!("../../config/schema/010_wa_events.sql"),
     ),
     (
         "020_messages.sql",
-        include_str!("../config/schema/020_messages.sql"),
+        include_str!("../../config/schema/020_messages.sql"),
     ),
     (
         "030_webhook_logs.sql",
-        include_str!("../config/schema/030_webhook_logs.sql"),
+        include_str!("../../config/schema/030_webhook_logs.sql"),
     ),
 ];
 
@@ -74,9 +74,9 @@ pub fn internal_ddl(config: &Config) -> Vec<(String, String)> {
         (
             format!(
                 "retention journal {}",
-                crate::maintenance::journal_table(config)
+                crate::store::journal::journal_table(config)
             ),
-            crate::maintenance::journal_ddl(config),
+            crate::store::journal::journal_ddl(config),
         ),
     ]
 }
@@ -94,7 +94,7 @@ pub async fn ensure_internal(
     let names = [
         qualify(offsets_schema, offsets),
         qualify(dead_schema, dead),
-        crate::maintenance::journal_table(config),
+        crate::store::journal::journal_table(config),
     ];
     let mut missing = false;
     for name in &names {

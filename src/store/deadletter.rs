@@ -16,10 +16,10 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::batch::{DeadLetter, Event};
-use crate::catalog::{qualify, split_name};
 use crate::config::{Config, TimeUnit};
-use crate::encode::{self, Input, PgType};
+use crate::copy::{self, Input, PgType};
+use crate::event::{DeadLetter, Event};
+use crate::store::catalog::{qualify, split_name};
 
 /// Columns written by weir, in COPY order.
 pub const COPY_COLUMNS: &str = "(failed_at, consumer_group, topic, kafka_partition, kafka_offset, \
@@ -73,7 +73,7 @@ impl DeadLetterTable {
 
     pub fn ddl(&self) -> String {
         let table = self.qualified();
-        let index_name = crate::catalog::quote_ident(&format!("{}_source_idx", self.name));
+        let index_name = crate::store::catalog::quote_ident(&format!("{}_source_idx", self.name));
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 id                bigserial   NOT NULL,
@@ -119,17 +119,17 @@ impl DeadLetterTable {
         // of panicking it.
         let field = |buf: &mut BytesMut, ty: &PgType, input: Input<'_>| {
             let start = buf.len();
-            if let Err(err) = encode::write_field(buf, ty, input, TimeUnit::Seconds) {
+            if let Err(err) = copy::write_field(buf, ty, input, TimeUnit::Seconds) {
                 tracing::error!(error = %err, "a dead-letter field did not encode; written as NULL");
                 buf.truncate(start);
-                encode::write_null(buf);
+                copy::write_null(buf);
             }
         };
         let text = |buf: &mut BytesMut, value: &str| {
             let clean = value.replace('\0', "\u{fffd}");
             field(buf, &PgType::Text, Input::Str(&clean));
         };
-        encode::begin_row(buf, COPY_FIELDS);
+        copy::begin_row(buf, COPY_FIELDS);
         field(buf, &PgType::Timestamptz, Input::UnixMicros(failed_at));
         text(buf, &self.group);
         text(buf, &event.topic);
@@ -140,38 +140,38 @@ impl DeadLetterTable {
         let mut timestamp_note = None;
         match event
             .timestamp_ms
-            .map(|ms| (ms, encode::kafka_timestamp_micros(ms)))
+            .map(|ms| (ms, copy::kafka_timestamp_micros(ms)))
         {
             Some((_, Some(micros))) => field(buf, &PgType::Timestamptz, Input::UnixMicros(micros)),
             Some((ms, None)) => {
                 timestamp_note = Some(format!(
                     " [kafka timestamp {ms} ms is outside years 1 to 9999: kafka_timestamp is NULL]"
                 ));
-                encode::write_null(buf);
+                copy::write_null(buf);
             }
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
         match &event.key {
             Some(key) => field(buf, &PgType::Bytea, Input::Bytes(key)),
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
         if event.headers.is_empty() {
-            encode::write_null(buf);
+            copy::write_null(buf);
         } else {
             let headers = headers_json(event);
             field(buf, &PgType::Jsonb, Input::Json(&headers));
         }
         match &letter.table {
             Some(table) => text(buf, table),
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
         match letter.item {
             Some(item) => field(buf, &PgType::Int4, Input::Int(item as i64)),
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
         match &letter.item_path {
             Some(path) => text(buf, path),
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
         text(buf, letter.stage.as_str());
         text(buf, &letter.code);
@@ -200,7 +200,7 @@ impl DeadLetterTable {
         );
         match stored.sha256 {
             Some(hash) => field(buf, &PgType::Bytea, Input::Bytes(&hash)),
-            None => encode::write_null(buf),
+            None => copy::write_null(buf),
         }
     }
 

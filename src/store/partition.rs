@@ -20,9 +20,10 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Datelike, Days, Months, NaiveDate, NaiveDateTime, Utc};
 use tokio_postgres::Client;
 
-use crate::catalog::{qualify, quote_ident};
 use crate::config::{Granularity, PropertyValue};
-use crate::encode::PgType;
+use crate::copy::PgType;
+use crate::metrics as m;
+use crate::store::catalog::{qualify, quote_ident};
 
 /// First key of weir's advisory locks (`'weir'` in ASCII); the second is the
 /// parent table's OID.
@@ -322,11 +323,35 @@ impl ManagedTable {
         Ok(set)
     }
 
-    /// Makes sure a partition covering exactly `[lo, hi)` exists, creating
-    /// it when missing. Returns whether this call created it. Fails with
+    /// The partition covering exactly `[lo, hi)`: found in the cached set
+    /// (no lock, no query: the common case), or created when missing.
+    /// Returns whether this call created it (then counted in
+    /// `weir_partitions_created_total` and logged). Fails with
     /// [`PartitionError::Overlap`] when a partition with other bounds covers
     /// part of the range; the partition set is fresh afterwards.
     pub async fn ensure(
+        &self,
+        client: &mut Client,
+        lo: i64,
+        hi: i64,
+        lock_timeout: Duration,
+    ) -> Result<(Leaf, bool), PartitionError> {
+        if let Some(leaf) = self.snapshot().exact(lo, hi) {
+            return Ok((leaf.clone(), false));
+        }
+        let started = std::time::Instant::now();
+        let made = self.create(client, lo, hi, lock_timeout).await?;
+        m::stage_time(m::stage::PARTITION_ENSURE, &self.name, started.elapsed());
+        if made.1 {
+            metrics::counter!(m::PARTITIONS_CREATED, "table" => self.name.clone()).increment(1);
+            tracing::info!(partition = %made.0.qualified(), "partition created");
+        }
+        Ok(made)
+    }
+
+    /// [`ManagedTable::ensure`] past the cache: under the in-process and
+    /// the advisory lock, with the catalog re-read.
+    async fn create(
         &self,
         client: &mut Client,
         lo: i64,

@@ -10,13 +10,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::catalog::{ColumnInfo, TableInfo};
 use crate::config::{
     ColumnSource, ConfigError, Granularity, KafkaField, SourceConfig, TableConfig, TimeUnit,
     WeirField,
 };
-use crate::encode::{self, PgType};
-use crate::pointer::Pointer;
+use crate::copy::{self, PgType};
+use crate::decode::pointer::Pointer;
+use crate::store::catalog::{ColumnInfo, TableInfo};
 
 /// Everything the decoder needs, shared read-only by all lanes.
 #[derive(Debug)]
@@ -204,7 +204,7 @@ fn check_dedupe(
     Ok(Some(
         wanted
             .iter()
-            .map(|c| crate::catalog::quote_ident(c))
+            .map(|c| crate::store::catalog::quote_ident(c))
             .collect::<Vec<_>>()
             .join(", "),
     ))
@@ -318,7 +318,7 @@ fn compile_source(
         "({})",
         columns
             .iter()
-            .map(|c| crate::catalog::quote_ident(&c.name))
+            .map(|c| crate::store::catalog::quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -394,10 +394,10 @@ fn compile_column(
             .map_err(|err| ConfigError::new(field, format!("constant: {err}")))?;
         // A constant that cannot be encoded would fail every row: say so now.
         let mut scratch = bytes::BytesMut::new();
-        encode::write_field(
+        copy::write_field(
             &mut scratch,
             &ty,
-            encode::Input::Json(&value),
+            copy::Input::Json(&value),
             column.time_unit.unwrap_or_default(),
         )
         .map_err(|err| {

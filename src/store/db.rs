@@ -11,8 +11,8 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
-use crate::catalog::quote_ident;
 use crate::config::{ConfigError, PostgresConfig};
+use crate::store::catalog::quote_ident;
 
 /// What a PostgreSQL error means for the batch that met it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@
 //! continues meanwhile, to serve rebalances and heartbeats.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,93 +35,13 @@ use tokio::sync::mpsc::Sender;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_postgres::Client;
 
-use crate::batch::Event;
 use crate::config::{Config, OffsetReset};
+use crate::event::Event;
 use crate::health::Health;
 use crate::metrics as m;
-use crate::offsets::OffsetStore;
+use crate::store::offsets::OffsetStore;
 
-/// What the consumer tells a writer about one of its lanes.
-#[derive(Debug)]
-pub enum LaneEvent {
-    /// The lane starts (again) under `epoch`. `stored` is the stored
-    /// `next_offset` in PostgreSQL, `None` if the partition has none (or it
-    /// could not be read; the first commit's compare-and-set then decides).
-    Assigned {
-        topic: Arc<str>,
-        partition: i32,
-        epoch: u64,
-        stored: Option<i64>,
-    },
-    /// The lane is no longer ours: drop what is pending.
-    Revoked {
-        topic: Arc<str>,
-        partition: i32,
-        epoch: u64,
-    },
-    /// A message read under `epoch`, with the bytes charged for it.
-    Message {
-        epoch: u64,
-        event: Event,
-        charged: usize,
-    },
-}
-
-/// What writers ask of the consumer.
-#[derive(Debug)]
-pub enum Request {
-    /// Rows of the lane up to `next` are committed in PostgreSQL: commit
-    /// `next` to Kafka too (for lag tools).
-    Committed {
-        topic: Arc<str>,
-        partition: i32,
-        epoch: u64,
-        next: i64,
-    },
-    /// A commit of the lane was fenced: read its stored offset again and
-    /// resume the lane from there, under a new epoch.
-    Reload {
-        topic: Arc<str>,
-        partition: i32,
-        epoch: u64,
-    },
-}
-
-/// Bytes taken from Kafka and not yet committed or dropped: the events,
-/// and the rows encoded from them.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    bytes: AtomicUsize,
-}
-
-impl InFlight {
-    pub fn charge(&self, bytes: usize) {
-        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        gauge!(m::IN_FLIGHT_BYTES).set(now as f64);
-    }
-
-    pub fn release(&self, bytes: usize) {
-        let before = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        debug_assert!(
-            before >= bytes,
-            "in-flight accounting should never go negative"
-        );
-        gauge!(m::IN_FLIGHT_BYTES).set(before.saturating_sub(bytes) as f64);
-    }
-
-    pub fn get(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-/// The writer that owns a lane: stable for a given topic and partition, so
-/// one writer commits a partition's batches in order.
-pub fn writer_for(topic: &str, partition: i32, writers: usize) -> usize {
-    let topic_hash = topic
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    ((topic_hash as usize).wrapping_add(partition as usize)) % writers
-}
+use crate::lane::{InFlight, LaneEvent, Request, writer_for};
 
 type LaneKey = (Arc<str>, i32);
 
@@ -199,9 +119,13 @@ impl WeirContext {
                 let mut control = self.control.lock().await;
                 if control.as_ref().is_none_or(Client::is_closed) {
                     *control = Some(
-                        crate::db::connect(&self.database_url, &self.config.postgres, "control")
-                            .await
-                            .map_err(|err| err.to_string())?,
+                        crate::store::db::connect(
+                            &self.database_url,
+                            &self.config.postgres,
+                            "control",
+                        )
+                        .await
+                        .map_err(|err| err.to_string())?,
                     );
                 }
                 let client = control.as_ref().expect("control session was just set");
@@ -209,7 +133,7 @@ impl WeirContext {
                     .offsets
                     .load(client, topic, partitions)
                     .await
-                    .map_err(|err| crate::db::describe(&err));
+                    .map_err(|err| crate::store::db::describe(&err));
                 if loaded.is_err() {
                     *control = None;
                 }

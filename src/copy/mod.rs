@@ -9,12 +9,22 @@
 //! Conversions are strict where PostgreSQL would be, so a value that cannot
 //! fit its column is refused here (as a dead letter with a reason) rather
 //! than failing the whole batch on the server.
+//!
+//! [`segment`] holds encoded rows grouped for one COPY and streams them.
+
+pub mod pool;
+pub mod segment;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::Value;
 
 use crate::config::TimeUnit;
+
+/// Unix microseconds now.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
 
 /// Signature, flags and header-extension length of a binary COPY stream.
 pub const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";

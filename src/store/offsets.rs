@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, GenericClient, Statement};
 
-use crate::catalog::{qualify, split_name};
 use crate::config::Config;
+use crate::store::catalog::{qualify, split_name};
 
 /// Where offsets live and under which group key.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::encode::PgType;
+use crate::copy::PgType;
 
 /// A table, as the catalog describes it.
 #[derive(Debug, Clone)]

@@ -5,17 +5,27 @@
 //! Nothing here touches the database. Every failure is attributed to the
 //! item it concerns, so the good items of a webhook body are written even
 //! when one of its items is broken.
+//!
+//! [`mapping`] compiles the configured tables into column programs,
+//! [`pointer`] walks JSON pointers, [`gathered`] holds the output.
+
+mod gathered;
+pub mod mapping;
+pub mod pointer;
+
+pub use gathered::Gathered;
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::batch::{DeadLetter, Event, Gathered, RowMeta, Stage};
 use crate::config::{EmptyEvents, KafkaField, WeirField};
-use crate::encode::{self, Input, PgType};
-use crate::mapping::{CompiledColumn, CompiledSource, Mappings, Source};
-use crate::partition::ManagedTable;
+use crate::copy::segment::RowMeta;
+use crate::copy::{self, Input, PgType};
+use crate::decode::mapping::{CompiledColumn, CompiledSource, Mappings, Source};
+use crate::event::{DeadLetter, Event, Stage};
+use crate::store::partition::ManagedTable;
 
 /// Turns events into rows. Shared by all lanes; holds no mutable state.
 pub struct Decoder {
@@ -199,7 +209,7 @@ impl Decoder {
                     format!("time column `{}` has no value", time_column.name),
                 );
             }
-            Some(input) => match encode::to_unix_micros(input, time_column.unit) {
+            Some(input) => match copy::to_unix_micros(input, time_column.unit) {
                 Ok(time) => time,
                 Err(err) => {
                     return fail(
@@ -231,18 +241,16 @@ impl Decoder {
 
         let segment = out.segment(source.index, source.table, lo, hi);
         let start = segment.buf.len();
-        encode::begin_row(&mut segment.buf, source.columns.len() as u16);
+        copy::begin_row(&mut segment.buf, source.columns.len() as u16);
         for column in &source.columns {
             let result = match context.input(column) {
                 None if column.required => Err(None),
                 None => {
-                    encode::write_null(&mut segment.buf);
+                    copy::write_null(&mut segment.buf);
                     Ok(())
                 }
-                Some(input) => {
-                    encode::write_field(&mut segment.buf, &column.ty, input, column.unit)
-                        .map_err(Some)
-                }
+                Some(input) => copy::write_field(&mut segment.buf, &column.ty, input, column.unit)
+                    .map_err(Some),
             };
             if let Err(err) = result {
                 segment.buf.truncate(start);
@@ -364,9 +372,9 @@ fn format_micros(micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{ColumnInfo, TableInfo};
     use crate::config::{Config, Granularity};
-    use crate::partition::{ManagedTable, PartitionSet};
+    use crate::store::catalog::{ColumnInfo, TableInfo};
+    use crate::store::partition::{ManagedTable, PartitionSet};
     use bytes::Bytes;
 
     /// A decoder for a webhook-like table: explode messages, item time in
@@ -412,7 +420,7 @@ mod tests {
             partitioning: "range",
             unique_keys: Vec::new(),
         };
-        let mappings = crate::mapping::compile(&config.tables, vec![info]).unwrap();
+        let mappings = crate::decode::mapping::compile(&config.tables, vec![info]).unwrap();
         let table = ManagedTable::new(
             1,
             "public".into(),

@@ -1,0 +1,329 @@
+//! Batches: what one lane (one Kafka partition) hands to its writer.
+//!
+//! A batch covers a contiguous range of a partition's offsets, from the
+//! stored offset it continues (`prev`) to the offset after its last message
+//! (`next`). It holds every row those messages produced, already encoded
+//! for COPY and grouped by target partition range ("segments"), and every
+//! dead letter they produced. It commits whole or not at all.
+//!
+//! The batcher (one per writer) takes its lanes' events in offset order,
+//! decodes each into rows and dead letters, and cuts a lane's batch by rows,
+//! bytes or linger; the writer writes it while the next one is gathered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge};
+use tokio::sync::mpsc::{Receiver, Sender};
+
+use crate::copy::now_micros;
+use crate::copy::pool::BufferPool;
+use crate::copy::segment::Sealed;
+use crate::decode::{Decoder, Gathered};
+use crate::event::{DeadLetter, Event};
+use crate::lane::{InFlight, LaneEvent};
+use crate::metrics as m;
+
+/// Offset gaps are logged at most this often per lane (always counted).
+const GAP_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// A lane's batch, cut and on its way to the writer.
+#[derive(Debug)]
+pub struct Batch {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// Assignment epoch of the lane that cut it: a batch from an older epoch
+    /// is never written after the lane was reset.
+    pub epoch: u64,
+    /// The stored `next_offset` this batch continues from; `None` when the
+    /// partition has no stored offset yet. The commit is conditional on it.
+    pub prev: Option<i64>,
+    /// The `next_offset` stored when this batch commits: its last offset + 1.
+    pub next: i64,
+    pub segments: Vec<Sealed>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The events, kept for dead letters found while writing.
+    pub messages: Vec<Event>,
+    pub rows: usize,
+    /// Bytes charged to the in-flight budget, released when the batch is done.
+    pub charged_bytes: usize,
+    /// When the oldest message of the batch was taken in.
+    pub started: Instant,
+}
+
+impl Batch {
+    /// Offsets `[first, next)` covered by the batch, for logs.
+    pub fn first_offset(&self) -> i64 {
+        self.messages.first().map_or(self.next, |m| m.offset)
+    }
+}
+
+/// A lane as the batcher sees it.
+struct Lane {
+    topic: Arc<str>,
+    partition: i32,
+    epoch: u64,
+    /// Stored offset the next cut batch continues from.
+    prev: Option<i64>,
+    /// Offset of the next message expected (last taken + 1).
+    position: Option<i64>,
+    gathered: Gathered,
+    pool: BufferPool,
+    messages: Vec<Event>,
+    charged: usize,
+    oldest: Option<Instant>,
+    decode_time: Duration,
+    /// When a gap was last logged, and offsets missed since.
+    gap_warned: Option<Instant>,
+    gap_offsets: u64,
+}
+
+impl Lane {
+    fn new(
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        stored: Option<i64>,
+        pool: BufferPool,
+    ) -> Self {
+        Lane {
+            topic,
+            partition,
+            epoch,
+            prev: stored,
+            position: stored,
+            gathered: Gathered::with_pool(pool.clone()),
+            pool,
+            messages: Vec::new(),
+            charged: 0,
+            oldest: None,
+            decode_time: Duration::ZERO,
+            gap_warned: None,
+            gap_offsets: 0,
+        }
+    }
+
+    /// Cuts what the lane holds into a batch (none if it holds nothing).
+    fn cut(&mut self) -> Option<Batch> {
+        if self.messages.is_empty() {
+            return None;
+        }
+        // Offsets are exclusive at the end: `next` is the first offset this
+        // batch does not cover, which is what the offsets table stores.
+        let next = self
+            .position
+            .expect("a lane holding messages should have a position");
+        let gathered =
+            std::mem::replace(&mut self.gathered, Gathered::with_pool(self.pool.clone()));
+        let started = self.oldest.take().unwrap_or_else(Instant::now);
+        m::stage_time(
+            m::stage::DECODE,
+            m::ALL_TABLES,
+            std::mem::take(&mut self.decode_time),
+        );
+        m::stage_time(m::stage::BATCH_WAIT, m::ALL_TABLES, started.elapsed());
+        counter!(m::EVENTS, "topic" => self.topic.to_string())
+            .increment(self.messages.len() as u64);
+        let batch = Batch {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            epoch: self.epoch,
+            prev: self.prev,
+            next,
+            rows: gathered.rows,
+            segments: gathered.segments.into_iter().map(|s| s.seal()).collect(),
+            dead_letters: gathered.dead_letters,
+            messages: std::mem::take(&mut self.messages),
+            charged_bytes: std::mem::take(&mut self.charged),
+            started,
+        };
+        // The following batch continues where this one ends. If this one is
+        // fenced, the following one fails its compare-and-set too and the
+        // lane is reloaded.
+        self.prev = Some(next);
+        Some(batch)
+    }
+}
+
+/// Decodes a writer's lanes into batches.
+pub struct Batcher {
+    pub decoder: Arc<Decoder>,
+    pub input: Receiver<LaneEvent>,
+    pub output: Sender<Batch>,
+    pub in_flight: Arc<InFlight>,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+    /// Shared with this writer's flusher, which gives buffers back.
+    pub pool: BufferPool,
+}
+
+impl Batcher {
+    pub async fn run(mut self) {
+        let mut lanes: HashMap<(Arc<str>, i32), Lane> = HashMap::new();
+        loop {
+            let deadline = lanes
+                .values()
+                .filter_map(|lane| lane.oldest)
+                .min()
+                .map(|oldest| oldest + self.linger);
+            let next = match deadline {
+                Some(deadline) => tokio::select! {
+                    next = self.input.recv() => next,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        let due: Vec<_> = lanes
+                            .values_mut()
+                            .filter(|lane| lane.oldest.is_some_and(|t| t.elapsed() >= self.linger))
+                            .filter_map(Lane::cut)
+                            .collect();
+                        for batch in due {
+                            self.send(batch).await;
+                        }
+                        continue;
+                    }
+                },
+                None => self.input.recv().await,
+            };
+            let Some(event) = next else {
+                // The consumer is shutting down: flush what is held.
+                let rest: Vec<_> = lanes.values_mut().filter_map(Lane::cut).collect();
+                for batch in rest {
+                    self.send(batch).await;
+                }
+                return;
+            };
+            match event {
+                LaneEvent::Assigned {
+                    topic,
+                    partition,
+                    epoch,
+                    stored,
+                } => {
+                    let lane =
+                        Lane::new(topic.clone(), partition, epoch, stored, self.pool.clone());
+                    if let Some(old) = lanes.insert((topic, partition), lane) {
+                        // Whatever the old assignment held is read again.
+                        self.in_flight.release(old.charged);
+                    }
+                }
+                LaneEvent::Revoked {
+                    topic,
+                    partition,
+                    epoch,
+                } => {
+                    let key = (topic, partition);
+                    if lanes.get(&key).is_some_and(|lane| lane.epoch == epoch) {
+                        let lane = lanes.remove(&key).expect("lane was just found");
+                        self.in_flight.release(lane.charged);
+                    }
+                }
+                LaneEvent::Message {
+                    epoch,
+                    event,
+                    charged,
+                } => {
+                    let key = (event.topic.clone(), event.partition);
+                    let Some(lane) = lanes.get_mut(&key).filter(|lane| lane.epoch == epoch) else {
+                        // Read under an assignment that has ended.
+                        self.in_flight.release(charged);
+                        continue;
+                    };
+                    if let Some(position) = lane.position {
+                        if event.offset < position {
+                            // Within one epoch librdkafka delivers a
+                            // partition's offsets in increasing order; it
+                            // goes back only when it resets a position the
+                            // log no longer holds (the topic was deleted and
+                            // recreated, or the log truncated by an unclean
+                            // leader election) to the log's start. Those
+                            // offsets now hold *other* records than the ones
+                            // weir wrote under them: they are written, never
+                            // skipped. What the lane holds is cut first (it
+                            // ends at `position`); the next batch then moves
+                            // the stored offset back, by the same
+                            // compare-and-set as any other batch.
+                            counter!(m::OFFSET_RESETS, "topic" => event.topic.to_string())
+                                .increment(1);
+                            tracing::warn!(
+                                topic = %event.topic, partition = event.partition,
+                                stored = ?lane.prev, expected = position, got = event.offset,
+                                "offset reset: the log no longer holds this partition's position \
+                                 (topic recreated or log truncated); writing what it holds from \
+                                 its new start"
+                            );
+                            if let Some(batch) = lane.cut() {
+                                self.send(batch).await;
+                            }
+                        } else if event.offset > position {
+                            counter!(m::OFFSET_GAPS, "topic" => event.topic.to_string())
+                                .increment(1);
+                            // A warning, at most once a minute per lane:
+                            // compacted topics and transaction markers make
+                            // gaps all the time, retention only when records
+                            // were deleted before weir read them.
+                            lane.gap_offsets += (event.offset - position) as u64;
+                            if lane
+                                .gap_warned
+                                .is_none_or(|at| at.elapsed() >= GAP_WARNING_EVERY)
+                            {
+                                tracing::warn!(
+                                    topic = %event.topic, partition = event.partition,
+                                    expected = position, got = event.offset,
+                                    missing_offsets = lane.gap_offsets,
+                                    "offsets missing: expected on a compacted topic or after \
+                                     transaction markers; otherwise records were deleted before \
+                                     weir read them"
+                                );
+                                lane.gap_warned = Some(Instant::now());
+                                lane.gap_offsets = 0;
+                            }
+                        }
+                    }
+                    // Cut before an event that would likely carry the batch
+                    // past `max_bytes` (its rows are about its size): a
+                    // segment buffer then stays within the ceiling instead
+                    // of doubling past it for the last few rows.
+                    let mut encoded_before = lane.gathered.bytes();
+                    if lane.gathered.rows > 0
+                        && encoded_before + event.payload.len() > self.max_bytes
+                        && let Some(batch) = lane.cut()
+                    {
+                        self.send(batch).await;
+                        encoded_before = 0; // a fresh batch
+                    }
+                    lane.position = Some(event.offset + 1);
+                    let started = Instant::now();
+                    let message = lane.messages.len() as u32;
+                    self.decoder
+                        .decode(&event, message, now_micros(), &mut lane.gathered);
+                    lane.decode_time += started.elapsed();
+                    // The encoded rows are held until the commit too: they
+                    // count against the same in-flight ceiling, and are
+                    // released with the event bytes (through `lane.charged`
+                    // and then the batch's `charged_bytes`).
+                    let encoded_now = lane.gathered.bytes();
+                    let encoded = encoded_now.saturating_sub(encoded_before);
+                    self.in_flight.charge(encoded);
+                    lane.messages.push(event);
+                    lane.charged += charged + encoded;
+                    lane.oldest.get_or_insert(started);
+                    if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
+                        && let Some(batch) = lane.cut()
+                    {
+                        self.send(batch).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&self, batch: Batch) {
+        gauge!(m::IN_FLIGHT_ROWS).increment(batch.rows as f64);
+        if let Err(returned) = self.output.send(batch).await {
+            // The flusher is gone (shutdown deadline): release and drop.
+            self.in_flight.release(returned.0.charged_bytes);
+            gauge!(m::IN_FLIGHT_ROWS).decrement(returned.0.rows as f64);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Segment buffers reused across batches of one writer.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+/// Segment buffers handed back after their batch is written, for the next
+/// batches of the same writer: reused memory is already mapped, so batches
+/// do not fault fresh pages in (and zero them) every time. The pool keeps at
+/// most `budget` bytes of capacity, so it never holds more than about one
+/// batch beyond what the pipeline itself has in flight.
+#[derive(Debug, Clone, Default)]
+pub struct BufferPool {
+    inner: Arc<std::sync::Mutex<PoolInner>>,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    buffers: Vec<BytesMut>,
+    /// Capacity of `buffers`, summed.
+    held: usize,
+    budget: usize,
+}
+
+impl BufferPool {
+    /// Capacity of a fresh buffer.
+    const FRESH: usize = 256 * 1024;
+
+    /// A pool keeping at most `budget` bytes of buffer capacity.
+    pub fn new(budget: usize) -> Self {
+        BufferPool {
+            inner: Arc::new(std::sync::Mutex::new(PoolInner {
+                budget,
+                ..PoolInner::default()
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn take(&self) -> BytesMut {
+        let mut inner = self.lock();
+        match inner.buffers.pop() {
+            Some(buf) => {
+                inner.held -= buf.capacity();
+                buf
+            }
+            None => BytesMut::with_capacity(Self::FRESH),
+        }
+    }
+
+    /// Takes a written segment's bytes back, when nothing else holds them
+    /// and the budget has room.
+    pub fn give(&self, bytes: Bytes) {
+        if let Ok(mut buf) = bytes.try_into_mut() {
+            buf.clear();
+            let mut inner = self.lock();
+            if inner.held + buf.capacity() <= inner.budget {
+                inner.held += buf.capacity();
+                inner.buffers.push(buf);
+            }
+        }
+    }
+
+    /// Bytes of capacity held for reuse.
+    pub fn held(&self) -> usize {
+        self.lock().held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_pool_reuses_buffers_within_its_budget() {
+        let pool = BufferPool::new(3 * 1024 * 1024);
+        let mut big = pool.take();
+        big.extend_from_slice(&vec![7u8; 2 * 1024 * 1024]);
+        let big_capacity = big.capacity();
+        pool.give(big.freeze());
+        assert_eq!(pool.held(), big_capacity);
+
+        // A second big buffer would exceed the budget: it is dropped.
+        let mut other = BytesMut::with_capacity(2 * 1024 * 1024);
+        other.extend_from_slice(&[1]);
+        pool.give(other.freeze());
+        assert_eq!(pool.held(), big_capacity);
+
+        // Reuse hands the big buffer back empty, and the pool is empty.
+        let reused = pool.take();
+        assert!(reused.is_empty());
+        assert_eq!(reused.capacity(), big_capacity);
+        assert_eq!(pool.held(), 0);
+
+        // Bytes still shared elsewhere are not taken back.
+        let shared = Bytes::from(vec![1u8; 16]);
+        let _clone = shared.clone();
+        pool.give(shared);
+        assert_eq!(pool.held(), 0);
+    }
+}

@@ -1,0 +1,96 @@
+//! The contract between the source and the writers. A lane is one Kafka
+//! partition as one writer sees it: the source announces it
+//! ([`LaneEvent::Assigned`]), feeds it messages in offset order under the
+//! assignment's epoch, and revokes it; the writer answers with
+//! [`Request`]s (commit this offset to Kafka, reload this lane). Bytes read
+//! and not yet committed are charged to one [`InFlight`] budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use metrics::gauge;
+
+use crate::event::Event;
+use crate::metrics as m;
+
+/// What the consumer tells a writer about one of its lanes.
+#[derive(Debug)]
+pub enum LaneEvent {
+    /// The lane starts (again) under `epoch`. `stored` is the stored
+    /// `next_offset` in PostgreSQL, `None` if the partition has none (or it
+    /// could not be read; the first commit's compare-and-set then decides).
+    Assigned {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        stored: Option<i64>,
+    },
+    /// The lane is no longer ours: drop what is pending.
+    Revoked {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+    },
+    /// A message read under `epoch`, with the bytes charged for it.
+    Message {
+        epoch: u64,
+        event: Event,
+        charged: usize,
+    },
+}
+
+/// What writers ask of the consumer.
+#[derive(Debug)]
+pub enum Request {
+    /// Rows of the lane up to `next` are committed in PostgreSQL: commit
+    /// `next` to Kafka too (for lag tools).
+    Committed {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+        next: i64,
+    },
+    /// A commit of the lane was fenced: read its stored offset again and
+    /// resume the lane from there, under a new epoch.
+    Reload {
+        topic: Arc<str>,
+        partition: i32,
+        epoch: u64,
+    },
+}
+
+/// Bytes taken from Kafka and not yet committed or dropped: the events,
+/// and the rows encoded from them.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    bytes: AtomicUsize,
+}
+
+impl InFlight {
+    pub fn charge(&self, bytes: usize) {
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        gauge!(m::IN_FLIGHT_BYTES).set(now as f64);
+    }
+
+    pub fn release(&self, bytes: usize) {
+        let before = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(
+            before >= bytes,
+            "in-flight accounting should never go negative"
+        );
+        gauge!(m::IN_FLIGHT_BYTES).set(before.saturating_sub(bytes) as f64);
+    }
+
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer that owns a lane: stable for a given topic and partition, so
+/// one writer commits a partition's batches in order.
+pub fn writer_for(topic: &str, partition: i32, writers: usize) -> usize {
+    let topic_hash = topic
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    ((topic_hash as usize).wrapping_add(partition as usize)) % writers
+}
