@@ -398,7 +398,7 @@ pub async fn replay(
         )
         .await?
         {
-            Outcome::Written(written) => {
+            Replayed::Written(written) => {
                 report.replayed += 1;
                 report.rows_written += written.rows;
                 report.duplicates_skipped += written.skipped;
@@ -413,7 +413,7 @@ pub async fn replay(
                     .await
                     .map_err(|e| db::describe(&e))?;
             }
-            Outcome::Failed {
+            Replayed::Failed {
                 stage,
                 code,
                 message,
@@ -431,7 +431,7 @@ pub async fn replay(
                     .await
                     .map_err(|e| db::describe(&e))?;
             }
-            Outcome::Skipped => report.skipped += 1,
+            Replayed::Skipped => report.skipped += 1,
         }
     }
     if dry_run {
@@ -451,7 +451,7 @@ struct Written {
     skipped: usize,
 }
 
-enum Outcome {
+enum Replayed {
     Written(Written),
     Failed {
         stage: String,
@@ -468,17 +468,17 @@ async fn replay_one(
     decoder: &Decoder,
     row: &Row,
     lock_timeout: Duration,
-) -> Result<Outcome, String> {
+) -> Result<Replayed, String> {
     let truncated: bool = row.get(12);
     if truncated {
-        return Ok(Outcome::Skipped);
+        return Ok(Replayed::Skipped);
     }
     let encoding: String = row.get(11);
     let stored: Vec<u8> = row.get(10);
     let payload = match restore_payload(&stored, &encoding, decoder.max_event_bytes.max(1) + 1) {
         Ok(payload) => payload,
         Err(err) => {
-            return Ok(Outcome::Failed {
+            return Ok(Replayed::Failed {
                 stage: Stage::Decode.as_str().into(),
                 code: "unreadable_payload".into(),
                 message: err,
@@ -512,7 +512,7 @@ async fn replay_one(
         .iter()
         .find(|d| concerns(d.table.as_deref(), d.item))
     {
-        return Ok(Outcome::Failed {
+        return Ok(Replayed::Failed {
             stage: letter.stage.as_str().into(),
             code: letter.code.to_string(),
             message: letter.detail.clone(),
@@ -564,7 +564,7 @@ async fn replay_one(
         writes.push((segment, sink, rows));
     }
     if writes.is_empty() {
-        return Ok(Outcome::Failed {
+        return Ok(Replayed::Failed {
             stage: Stage::Route.as_str().into(),
             code: "no_rows".into(),
             message: "the event no longer yields a row for this table and item".into(),
@@ -589,7 +589,7 @@ async fn replay_one(
                     )
                     .await
                     .map_err(|e| db::describe(&e))?;
-                return Ok(Outcome::Failed {
+                return Ok(Replayed::Failed {
                     stage: Stage::Write.as_str().into(),
                     code: db::sqlstate(&err),
                     message: db::describe(&err),
@@ -602,7 +602,7 @@ async fn replay_one(
         .batch_execute("RELEASE SAVEPOINT weir_replay")
         .await
         .map_err(|e| db::describe(&e))?;
-    Ok(Outcome::Written(written))
+    Ok(Replayed::Written(written))
 }
 
 fn headers_from_json(value: Option<&serde_json::Value>) -> Vec<(String, Option<Bytes>)> {

@@ -33,18 +33,18 @@
 //! `copy` ◀ `store` ◀ `decode` ◀ `lane` ◀ `batch` ◀ `write` ◀ `source` ◀
 //! `pipeline`, `maintenance`, `dlq`.
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod config;
 pub mod copy;
 pub mod decode;
 pub mod dlq;
 pub mod event;
-pub mod health;
-pub mod http;
+pub(crate) mod health;
+pub(crate) mod http;
 pub mod lane;
 pub mod maintenance;
 pub mod metrics;
 pub mod pipeline;
 pub mod source;
 pub mod store;
-pub mod write;
+pub(crate) mod write;

@@ -181,16 +181,12 @@ pub async fn prune(
         tracing::debug!(table = %table.qualified(), "another process is pruning this table");
         return Ok(actions);
     }
-    let result = prune_locked(
-        client,
-        &journal,
-        table,
-        expired,
+    let steps = Steps {
+        journal: &journal,
         retention,
         lock_timeout,
-        &mut actions,
-    )
-    .await;
+    };
+    let result = prune_locked(client, &steps, table, expired, &mut actions).await;
     let _ = client
         .execute(
             "SELECT pg_advisory_unlock($1, $2)",
@@ -201,16 +197,26 @@ pub async fn prune(
     result.map(|()| actions)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How one prune takes its steps.
+struct Steps<'a> {
+    /// The retention journal (qualified name).
+    journal: &'a str,
+    retention: &'a Retention,
+    lock_timeout: Duration,
+}
+
 async fn prune_locked(
     client: &mut Client,
-    journal: &str,
+    steps: &Steps<'_>,
     table: &ManagedTable,
     expired: Vec<Leaf>,
-    retention: &Retention,
-    lock_timeout: Duration,
     actions: &mut Vec<Action>,
 ) -> Result<(), MaintenanceError> {
+    let Steps {
+        journal,
+        retention,
+        lock_timeout,
+    } = *steps;
     // Unfinished work first: partitions a previous run detached but did not drop.
     let pending = client
         .query(

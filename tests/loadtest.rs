@@ -7,14 +7,33 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::Fixture;
 
+/// The `weir-loadtest` binary of this build. It belongs to the workspace's
+/// `weir-loadtest` crate, so cargo does not hand its path to weir's tests:
+/// it sits in the same target directory as this test's executable
+/// (`cargo test --workspace`, which tests/run.sh runs, builds it).
+fn loadtest_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = dir.join("weir-loadtest");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (tests/run.sh does)",
+        binary.display()
+    );
+    binary
+}
+
 fn loadtest(args: &[&str]) -> Output {
     let stack = common::stack();
-    Command::new(env!("CARGO_BIN_EXE_weir-loadtest"))
+    Command::new(loadtest_binary())
         .args(args)
         .env("WEIR_DATABASE_URL", &stack.database_url)
         .env("WEIR_KAFKA__BROKERS", &stack.brokers)

@@ -25,9 +25,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy"
-cargo clippy --all-targets --all-features --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "cargo test"
-cargo test --all-targets --features failpoints --locked -- --nocapture
+cargo test --workspace --all-targets --features weir/failpoints --locked -- --nocapture
 
 step "all tests passed"

@@ -48,19 +48,11 @@ pub struct Batch {
     pub rows: usize,
     /// Bytes charged to the in-flight budget, released when the batch is done.
     pub charged_bytes: usize,
-    /// When the oldest message of the batch was taken in.
-    pub started: Instant,
 }
 
-impl Batch {
-    /// Offsets `[first, next)` covered by the batch, for logs.
-    pub fn first_offset(&self) -> i64 {
-        self.messages.first().map_or(self.next, |m| m.offset)
-    }
-}
-
-/// A lane as the batcher sees it.
-struct Lane {
+/// A lane as the batcher sees it: the batch being gathered, and where the
+/// lane stands.
+struct Gathering {
     topic: Arc<str>,
     partition: i32,
     epoch: u64,
@@ -72,14 +64,16 @@ struct Lane {
     pool: BufferPool,
     messages: Vec<Event>,
     charged: usize,
-    oldest: Option<Instant>,
+    /// When the oldest message held was taken in (tokio's clock, which
+    /// the linger sleeps on).
+    oldest: Option<tokio::time::Instant>,
     decode_time: Duration,
     /// When a gap was last logged, and offsets missed since.
     gap_warned: Option<Instant>,
     gap_offsets: u64,
 }
 
-impl Lane {
+impl Gathering {
     fn new(
         topic: Arc<str>,
         partition: i32,
@@ -87,7 +81,7 @@ impl Lane {
         stored: Option<i64>,
         pool: BufferPool,
     ) -> Self {
-        Lane {
+        Gathering {
             topic,
             partition,
             epoch,
@@ -116,7 +110,7 @@ impl Lane {
             .expect("a lane holding messages should have a position");
         let gathered =
             std::mem::replace(&mut self.gathered, Gathered::with_pool(self.pool.clone()));
-        let started = self.oldest.take().unwrap_or_else(Instant::now);
+        let started = self.oldest.take().unwrap_or_else(tokio::time::Instant::now);
         m::stage_time(
             m::stage::DECODE,
             m::ALL_TABLES,
@@ -136,7 +130,6 @@ impl Lane {
             dead_letters: gathered.dead_letters,
             messages: std::mem::take(&mut self.messages),
             charged_bytes: std::mem::take(&mut self.charged),
-            started,
         };
         // The following batch continues where this one ends. If this one is
         // fenced, the following one fails its compare-and-set too and the
@@ -161,7 +154,7 @@ pub struct Batcher {
 
 impl Batcher {
     pub async fn run(mut self) {
-        let mut lanes: HashMap<(Arc<str>, i32), Lane> = HashMap::new();
+        let mut lanes: HashMap<(Arc<str>, i32), Gathering> = HashMap::new();
         loop {
             let deadline = lanes
                 .values()
@@ -171,11 +164,11 @@ impl Batcher {
             let next = match deadline {
                 Some(deadline) => tokio::select! {
                     next = self.input.recv() => next,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
+                    _ = tokio::time::sleep_until(deadline) => {
                         let due: Vec<_> = lanes
                             .values_mut()
                             .filter(|lane| lane.oldest.is_some_and(|t| t.elapsed() >= self.linger))
-                            .filter_map(Lane::cut)
+                            .filter_map(Gathering::cut)
                             .collect();
                         for batch in due {
                             self.send(batch).await;
@@ -187,7 +180,7 @@ impl Batcher {
             };
             let Some(event) = next else {
                 // The consumer is shutting down: flush what is held.
-                let rest: Vec<_> = lanes.values_mut().filter_map(Lane::cut).collect();
+                let rest: Vec<_> = lanes.values_mut().filter_map(Gathering::cut).collect();
                 for batch in rest {
                     self.send(batch).await;
                 }
@@ -201,7 +194,7 @@ impl Batcher {
                     stored,
                 } => {
                     let lane =
-                        Lane::new(topic.clone(), partition, epoch, stored, self.pool.clone());
+                        Gathering::new(topic.clone(), partition, epoch, stored, self.pool.clone());
                     if let Some(old) = lanes.insert((topic, partition), lane) {
                         // Whatever the old assignment held is read again.
                         self.in_flight.release(old.charged);
@@ -307,7 +300,7 @@ impl Batcher {
                     self.in_flight.charge(encoded);
                     lane.messages.push(event);
                     lane.charged += charged + encoded;
-                    lane.oldest.get_or_insert(started);
+                    lane.oldest.get_or_insert(tokio::time::Instant::now());
                     if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                         && let Some(batch) = lane.cut()
                     {
@@ -325,5 +318,200 @@ impl Batcher {
             self.in_flight.release(returned.0.charged_bytes);
             gauge!(m::IN_FLIGHT_ROWS).decrement(returned.0.rows as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::decode::Gathered;
+    use crate::decode::testing::{TENANT, body, decoder, event};
+
+    const BYTES_PER_MESSAGE: usize = 100;
+
+    /// A batcher over the test decoder, fed and drained by the test.
+    struct Harness {
+        input: mpsc::Sender<LaneEvent>,
+        output: mpsc::Receiver<Batch>,
+        in_flight: Arc<InFlight>,
+        topic: Arc<str>,
+    }
+
+    impl Harness {
+        fn start(max_rows: usize, max_bytes: usize, linger: Duration) -> Harness {
+            let (input, input_rx) = mpsc::channel(1024);
+            let (output_tx, output) = mpsc::channel(1024);
+            let in_flight = Arc::new(InFlight::default());
+            let batcher = Batcher {
+                decoder: Arc::new(decoder()),
+                input: input_rx,
+                output: output_tx,
+                in_flight: in_flight.clone(),
+                max_rows,
+                max_bytes,
+                linger,
+                pool: BufferPool::default(),
+            };
+            tokio::spawn(batcher.run());
+            Harness {
+                input,
+                output,
+                in_flight,
+                topic: Arc::from("t"),
+            }
+        }
+
+        async fn assign(&self, epoch: u64, stored: Option<i64>) {
+            self.send(LaneEvent::Assigned {
+                topic: self.topic.clone(),
+                partition: 0,
+                epoch,
+                stored,
+            })
+            .await;
+        }
+
+        /// A one-row webhook at `offset`, charged as the source charges it.
+        async fn message(&self, epoch: u64, offset: i64) {
+            let now = chrono::Utc::now().timestamp();
+            let mut event = event(&body(&[serde_json::json!(now)]), Some(TENANT));
+            event.offset = offset;
+            self.in_flight.charge(BYTES_PER_MESSAGE);
+            self.send(LaneEvent::Message {
+                epoch,
+                event,
+                charged: BYTES_PER_MESSAGE,
+            })
+            .await;
+        }
+
+        async fn send(&self, event: LaneEvent) {
+            self.input.send(event).await.expect("batcher running");
+        }
+
+        /// The next batch, as (prev, next, offsets of its messages).
+        async fn batch(&mut self) -> (Option<i64>, i64, Vec<i64>) {
+            let batch = self.output.recv().await.expect("a batch");
+            let offsets = batch.messages.iter().map(|m| m.offset).collect();
+            (batch.prev, batch.next, offsets)
+        }
+
+        /// Whether no batch comes within `wait`.
+        async fn quiet_for(&mut self, wait: Duration) -> bool {
+            tokio::time::timeout(wait, self.output.recv())
+                .await
+                .is_err()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_cut_at_max_rows_and_the_rest_after_the_linger() {
+        let mut h = Harness::start(3, 1 << 20, Duration::from_secs(10));
+        h.assign(1, Some(10)).await;
+        for offset in 10..17 {
+            h.message(1, offset).await;
+        }
+        assert_eq!(h.batch().await, (Some(10), 13, vec![10, 11, 12]));
+        assert_eq!(h.batch().await, (Some(13), 16, vec![13, 14, 15]));
+        // The seventh row waits for the linger, counted from when it came.
+        assert!(h.quiet_for(Duration::from_secs(9)).await);
+        assert_eq!(h.batch().await, (Some(16), 17, vec![16]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_reaching_max_bytes_is_cut_at_once() {
+        let mut h = Harness::start(1000, 1, Duration::from_secs(60));
+        h.assign(1, None).await;
+        h.message(1, 0).await;
+        h.message(1, 1).await;
+        assert_eq!(h.batch().await, (None, 1, vec![0]));
+        assert_eq!(h.batch().await, (Some(1), 2, vec![1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_of_an_ended_assignment_are_dropped_and_released() {
+        let mut h = Harness::start(1000, 1 << 20, Duration::from_millis(50));
+        h.assign(1, Some(0)).await;
+        h.message(1, 0).await;
+        // Reassigned (a rebalance, or a reload after fencing) at offset 0:
+        // what epoch 1 held, and anything still arriving under it, is gone.
+        h.assign(2, Some(0)).await;
+        h.message(1, 1).await;
+        h.message(2, 0).await;
+        let batch = h.output.recv().await.expect("a batch");
+        assert_eq!((batch.epoch, batch.prev, batch.next), (2, Some(0), 1));
+        assert_eq!(batch.messages.len(), 1);
+        assert_eq!(
+            h.in_flight.get(),
+            batch.charged_bytes,
+            "only the new batch is still charged"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_lane_drops_what_it_holds_and_releases_its_budget() {
+        let mut h = Harness::start(1000, 1 << 20, Duration::from_secs(60));
+        h.assign(1, Some(0)).await;
+        h.message(1, 0).await;
+        h.message(1, 1).await;
+        h.send(LaneEvent::Revoked {
+            topic: h.topic.clone(),
+            partition: 0,
+            epoch: 1,
+        })
+        .await;
+        drop(h.input);
+        // Closing the input flushes what lanes hold: nothing is left.
+        assert!(h.output.recv().await.is_none());
+        assert_eq!(h.in_flight.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_the_input_flushes_what_is_held() {
+        let mut h = Harness::start(1000, 1 << 20, Duration::from_secs(60));
+        h.assign(1, Some(5)).await;
+        h.message(1, 5).await;
+        h.message(1, 6).await;
+        drop(h.input);
+        let batch = h.output.recv().await.expect("flushed");
+        assert_eq!((batch.prev, batch.next, batch.rows), (Some(5), 7, 2));
+        assert!(h.output.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_is_carried_and_the_batch_ends_after_its_last_message() {
+        let mut h = Harness::start(1000, 1 << 20, Duration::from_millis(50));
+        h.assign(1, Some(0)).await;
+        h.message(1, 0).await;
+        h.message(1, 1).await;
+        // Offsets 2 to 4 are missing (compaction, transaction markers).
+        h.message(1, 5).await;
+        assert_eq!(h.batch().await, (Some(0), 6, vec![0, 1, 5]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_offset_reset_cuts_first_and_then_moves_the_stored_offset_back() {
+        let mut h = Harness::start(1000, 1 << 20, Duration::from_millis(50));
+        h.assign(1, Some(30)).await;
+        h.message(1, 30).await;
+        h.message(1, 31).await;
+        // The log was recreated: librdkafka restarts at its start.
+        h.message(1, 0).await;
+        h.message(1, 1).await;
+        assert_eq!(h.batch().await, (Some(30), 32, vec![30, 31]));
+        // The next batch continues from 32 in PostgreSQL and stores 2.
+        assert_eq!(h.batch().await, (Some(32), 2, vec![0, 1]));
+    }
+
+    #[test]
+    fn the_test_events_are_one_row_each() {
+        let decoder = decoder();
+        let now = chrono::Utc::now().timestamp();
+        let event = event(&body(&[serde_json::json!(now)]), Some(TENANT));
+        let mut gathered = Gathered::default();
+        decoder.decode(&event, 0, now_micros(), &mut gathered);
+        assert_eq!((gathered.rows, gathered.dead_letters.len()), (1, 0));
     }
 }

@@ -48,6 +48,15 @@ pub struct Outcome {
 }
 
 /// One exploded item and where it came from.
+/// The event an item comes from.
+struct Origin<'a> {
+    event: &'a Event,
+    /// Index of the event in its batch.
+    message: u32,
+    /// Now, Unix microseconds (for the event-time window).
+    now: i64,
+}
+
 struct Item<'v> {
     value: &'v Value,
     indices: Vec<u32>,
@@ -131,7 +140,12 @@ impl Decoder {
             let source = &self.mappings.sources[source_index];
             for item in explode(source, &root) {
                 items_seen += 1;
-                self.row(source, &root, &item, event, message, now, out);
+                let origin = Origin {
+                    event,
+                    message,
+                    now,
+                };
+                self.row(source, &root, &item, &origin, out);
             }
         }
         let mut skipped = false;
@@ -164,17 +178,19 @@ impl Decoder {
     }
 
     /// Encodes one item as one row, or records why it cannot be.
-    #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
         source: &CompiledSource,
         root: &Value,
         item: &Item<'_>,
-        event: &Event,
-        message: u32,
-        now: i64,
+        origin: &Origin<'_>,
         out: &mut Gathered,
     ) {
+        let &Origin {
+            event,
+            message,
+            now,
+        } = origin;
         let table = &self.mappings.tables[source.table];
         let fail = |out: &mut Gathered, stage: Stage, code: Cow<'static, str>, detail: String| {
             let item_path = source
@@ -369,17 +385,24 @@ fn format_micros(micros: i64) -> String {
         .unwrap_or_else(|| format!("{micros}us"))
 }
 
+/// A decoder and events without a database, for the tests of this module
+/// and of the batcher.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Config, Granularity};
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::Decoder;
+    use crate::config::{Config, EmptyEvents, Granularity};
+    use crate::copy::PgType;
+    use crate::event::Event;
     use crate::store::catalog::{ColumnInfo, TableInfo};
     use crate::store::partition::{ManagedTable, PartitionSet};
-    use bytes::Bytes;
 
     /// A decoder for a webhook-like table: explode messages, item time in
     /// seconds, a header tenant.
-    fn decoder() -> Decoder {
+    pub(crate) fn decoder() -> Decoder {
         let text = r#"
             [[tables]]
             name = "events"
@@ -439,7 +462,7 @@ mod tests {
         }
     }
 
-    fn event(payload: &[u8], tenant: Option<&str>) -> Event {
+    pub(crate) fn event(payload: &[u8], tenant: Option<&str>) -> Event {
         Event {
             topic: Arc::from("t"),
             partition: 0,
@@ -458,10 +481,10 @@ mod tests {
         }
     }
 
-    const TENANT: &str = "6f1f7a7e-4b7a-4a39-9a61-5d3b9f0e2c11";
-    const NOW: i64 = 1_763_800_000_000_000; // 2025-11-22T08:26:40Z
+    pub(crate) const TENANT: &str = "6f1f7a7e-4b7a-4a39-9a61-5d3b9f0e2c11";
+    pub(crate) const NOW: i64 = 1_763_800_000_000_000; // 2025-11-22T08:26:40Z
 
-    fn body(timestamps: &[serde_json::Value]) -> Vec<u8> {
+    pub(crate) fn body(timestamps: &[serde_json::Value]) -> Vec<u8> {
         let messages: Vec<serde_json::Value> = timestamps
             .iter()
             .enumerate()
@@ -470,6 +493,12 @@ mod tests {
         serde_json::to_vec(&serde_json::json!({"entry": [{"phone": "p1", "messages": messages}]}))
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     fn outcome_of(timestamp: serde_json::Value) -> (usize, Vec<(Stage, String)>) {
         let mut out = Gathered::default();

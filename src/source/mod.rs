@@ -17,7 +17,7 @@
 //! partitions are (a stuck writer does not stall the others). Polling
 //! continues meanwhile, to serve rebalances and heartbeats.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -43,55 +43,9 @@ use crate::store::offsets::OffsetStore;
 
 use crate::lane::{InFlight, LaneEvent, Request, writer_for};
 
-type LaneKey = (Arc<str>, i32);
+mod lanes;
 
-struct Lane {
-    epoch: u64,
-    writer: usize,
-    /// The stored offset as last known here (from the assignment, then from
-    /// each commit): the lag reported is measured from it, i.e. from what is
-    /// in PostgreSQL, not from what was merely read.
-    stored: Option<i64>,
-}
-
-/// State shared by the poll loop and the rebalance callbacks (both run on
-/// the consumer thread; the mutex is never contended).
-struct State {
-    lanes: HashMap<LaneKey, Lane>,
-    next_epoch: u64,
-    /// Events that could not be handed to their writer yet, per writer, in
-    /// order (a lane always has the same writer, so its order is kept).
-    held: Vec<VecDeque<LaneEvent>>,
-    topics: HashMap<String, Arc<str>>,
-    /// Offsets committed in PostgreSQL and not yet in Kafka.
-    pending_commits: HashMap<LaneKey, (u64, i64)>,
-    /// Over the in-flight budget: every partition is paused.
-    over_budget: bool,
-    /// Writers whose queue is full: their partitions are paused.
-    blocked: Vec<bool>,
-    /// Partitions weir has paused (and must resume).
-    paused: HashSet<LaneKey>,
-    /// Fenced lanes whose reload (read the stored offset, seek there) has
-    /// failed, with when to try again. Until it succeeds the lane keeps its
-    /// fenced epoch, whose batches the writer drops.
-    reloads_due: Vec<(LaneKey, u64, Instant)>,
-}
-
-impl State {
-    /// Whether the lanes of `writer` should be paused now.
-    fn should_pause(&self, writer: usize) -> bool {
-        self.over_budget || self.blocked.get(writer).copied().unwrap_or(false)
-    }
-
-    fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some(interned) = self.topics.get(topic) {
-            return interned.clone();
-        }
-        let interned: Arc<str> = Arc::from(topic);
-        self.topics.insert(topic.to_string(), interned.clone());
-        interned
-    }
-}
+use lanes::{LaneKey, Lanes};
 
 pub struct WeirContext {
     runtime: tokio::runtime::Handle,
@@ -100,14 +54,14 @@ pub struct WeirContext {
     config: Arc<Config>,
     /// Session used to read stored offsets; reconnected when lost.
     control: tokio::sync::Mutex<Option<Client>>,
-    state: Mutex<State>,
+    state: Mutex<Lanes>,
     writers: usize,
     in_flight: Arc<InFlight>,
     health: Arc<Health>,
 }
 
 impl WeirContext {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, Lanes> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -194,17 +148,8 @@ impl WeirContext {
         };
         for (topic, partition, stored) in announced {
             let topic = state.intern(&topic);
-            let epoch = state.next_epoch;
-            state.next_epoch += 1;
             let writer = writer_for(&topic, partition, self.writers);
-            state.lanes.insert(
-                (topic.clone(), partition),
-                Lane {
-                    epoch,
-                    writer,
-                    stored,
-                },
-            );
+            let (epoch, pause) = state.start((topic.clone(), partition), writer, stored);
             tracing::info!(
                 topic = %topic, partition, epoch, stored = ?stored, protocol, "partition assigned"
             );
@@ -214,20 +159,8 @@ impl WeirContext {
             // had resumed meanwhile. So every assigned partition is set
             // explicitly to what backpressure wants now: paused, or resumed
             // (resuming a partition that is not paused does nothing).
-            let key = (topic.clone(), partition);
-            if state.should_pause(writer) {
-                let _ = to_pause.add_partition(&topic, partition);
-                state.paused.insert(key);
-            } else {
-                let _ = to_resume.add_partition(&topic, partition);
-                state.paused.remove(&key);
-            }
-            state.held[writer].push_back(LaneEvent::Assigned {
-                topic,
-                partition,
-                epoch,
-                stored,
-            });
+            let list = if pause { &mut to_pause } else { &mut to_resume };
+            let _ = list.add_partition(&topic, partition);
         }
         for (list, pause) in [(&to_pause, true), (&to_resume, false)] {
             if list.count() == 0 {
@@ -258,11 +191,16 @@ impl WeirContext {
             for elem in tpl.elements() {
                 let topic = state.intern(elem.topic());
                 let key = (topic.clone(), elem.partition());
-                let Some(lane) = state.lanes.remove(&key) else {
+                // What is still held for the lane is dropped: the next
+                // owner reads it again from the stored offset.
+                let Some((released, commit)) = state.end(&key) else {
                     continue;
                 };
-                if let Some((epoch, next)) = state.pending_commits.remove(&key)
-                    && epoch == lane.epoch
+                self.in_flight.release(released);
+                // Only what this assignment committed in PostgreSQL, and not
+                // after the assignment was lost (its progress is no longer
+                // ours to report).
+                if let Some(next) = commit
                     && !lost
                 {
                     let _ = commits.add_partition_offset(
@@ -271,16 +209,7 @@ impl WeirContext {
                         Offset::Offset(next),
                     );
                 }
-                // Drop what is still held for the lane: the next owner reads it again.
-                let released = drop_held(&mut state.held[lane.writer], &topic, elem.partition());
-                self.in_flight.release(released);
-                state.paused.remove(&key);
                 tracing::info!(topic = %topic, partition = elem.partition(), lost, "partition revoked");
-                state.held[lane.writer].push_back(LaneEvent::Revoked {
-                    topic,
-                    partition: elem.partition(),
-                    epoch: lane.epoch,
-                });
             }
             gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
             gauge!(m::ASSIGNED_PARTITIONS).set(state.lanes.len() as f64);
@@ -422,17 +351,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         database_url,
         config: config.clone(),
         control: tokio::sync::Mutex::new(None),
-        state: Mutex::new(State {
-            lanes: HashMap::new(),
-            next_epoch: 1,
-            held: (0..writers.len()).map(|_| VecDeque::new()).collect(),
-            topics: HashMap::new(),
-            pending_commits: HashMap::new(),
-            over_budget: false,
-            blocked: vec![false; writers.len()],
-            paused: HashSet::new(),
-            reloads_due: Vec::new(),
-        }),
+        state: Mutex::new(Lanes::new(writers.len())),
         writers: writers.len(),
         in_flight: in_flight.clone(),
         health: health.clone(),
@@ -524,18 +443,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     // dropped) or the grace period ends.
     tracing::info!("consumer stopping");
     health.shutting_down();
-    let released: usize = {
-        let mut state = consumer.context().state();
-        state
-            .held
-            .iter_mut()
-            .flat_map(|queue| queue.drain(..))
-            .map(|event| match event {
-                LaneEvent::Message { charged, .. } => charged,
-                _ => 0,
-            })
-            .sum()
-    };
+    let released = consumer.context().state().drain_held();
     in_flight.release(released);
     drop(writers);
     let deadline =
@@ -572,18 +480,11 @@ fn serve_requests(
                 epoch,
                 next,
             }) => {
-                let ctx = consumer.context();
-                let mut state = ctx.state();
-                // Only for the assignment that made the commit: after a
-                // rebalance the partition's progress is the next owner's.
-                if let Some(lane) = state.lanes.get_mut(&(topic.clone(), partition))
-                    && lane.epoch == epoch
-                {
-                    lane.stored = Some(next);
-                    state
-                        .pending_commits
-                        .insert((topic, partition), (epoch, next));
-                }
+                // Kafka's committed offset only ever follows PostgreSQL's.
+                consumer
+                    .context()
+                    .state()
+                    .committed((topic, partition), epoch, next);
             }
             Ok(Request::Reload {
                 topic,
@@ -605,11 +506,10 @@ fn serve_requests(
 fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32, epoch: u64) {
     let ctx = consumer.context();
     let key = (topic.clone(), partition);
-    let writer = match ctx.state().lanes.get(&key) {
-        Some(lane) if lane.epoch == epoch => lane.writer,
+    if ctx.state().writer_at(&key, epoch).is_none() {
         // Revoked or already reloaded since: nothing to do.
-        _ => return,
-    };
+        return;
+    }
     // Invariant: a lane's new epoch starts exactly where librdkafka will
     // fetch next. Its first batch's compare-and-set starts from the stored
     // offset; if librdkafka fetched from anywhere else, the batcher would
@@ -645,27 +545,24 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         retry(format!("seek to {offset} failed: {err}"));
         return;
     }
-    let mut state = ctx.state();
-    let new_epoch = state.next_epoch;
-    state.next_epoch += 1;
-    state.lanes.insert(
-        key.clone(),
-        Lane {
-            epoch: new_epoch,
-            writer,
-            stored,
-        },
-    );
-    state.pending_commits.remove(&key);
-    let released = drop_held(&mut state.held[writer], &topic, partition);
+    let Some((new_epoch, released, pause)) = ctx.state().restart(&key, epoch, stored) else {
+        // Revoked meanwhile.
+        return;
+    };
     ctx.in_flight.release(released);
+    // The pause state backpressure wants for the restarted lane (resuming
+    // a partition that is not paused does nothing).
+    let mut tpl = TopicPartitionList::new();
+    let _ = tpl.add_partition(&topic, partition);
+    let applied = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(err) = applied {
+        tracing::warn!(topic = %topic, partition, error = %err, "cannot set the pause state of a reloaded lane");
+    }
     tracing::info!(topic = %topic, partition, epoch = new_epoch, stored = ?stored, "lane reloaded after fencing");
-    state.held[writer].push_back(LaneEvent::Assigned {
-        topic,
-        partition,
-        epoch: new_epoch,
-        stored,
-    });
 }
 
 /// A seek librdkafka refuses (the partition is stopping, or its fetcher did
@@ -682,26 +579,8 @@ fn injected_seek_failure(topic: &str) -> Option<KafkaError> {
     None
 }
 
-/// Drops the messages of one lane from a writer's held queue; returns the
-/// bytes they were charged.
-fn drop_held(held: &mut VecDeque<LaneEvent>, topic: &str, partition: i32) -> usize {
-    let mut released = 0;
-    held.retain(|event| match event {
-        LaneEvent::Message { event, charged, .. }
-            if *event.topic == *topic && event.partition == partition =>
-        {
-            released += charged;
-            false
-        }
-        _ => true,
-    });
-    released
-}
-
-/// Pauses and resumes partitions for backpressure. Over the in-flight
-/// budget every partition is paused, until the budget is half free again
-/// (hysteresis keeps pause and resume from flapping); a writer whose queue
-/// is full has only its own partitions paused, until it takes events again.
+/// Pauses and resumes partitions as backpressure decides (see
+/// [`Lanes::backpressure`]).
 fn apply_backpressure(
     consumer: &BaseConsumer<WeirContext>,
     in_flight: usize,
@@ -710,30 +589,17 @@ fn apply_backpressure(
 ) {
     let ctx = consumer.context();
     let mut state = ctx.state();
-    let over = if state.over_budget {
-        in_flight > max_in_flight / 2
-    } else {
-        in_flight > max_in_flight
-    };
-    if over == state.over_budget && blocked == state.blocked.as_slice() {
+    let Some(change) = state.backpressure(in_flight, max_in_flight, blocked) else {
         return;
-    }
-    state.over_budget = over;
-    state.blocked.clear();
-    state.blocked.extend_from_slice(blocked);
-    let wanted: Vec<(LaneKey, bool)> = state
-        .lanes
-        .iter()
-        .map(|(key, lane)| (key.clone(), state.should_pause(lane.writer)))
-        .collect();
+    };
     let (mut to_pause, mut to_resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-    for (key, pause) in wanted {
-        if pause && state.paused.insert(key.clone()) {
-            let _ = to_pause.add_partition(&key.0, key.1);
-        } else if !pause && state.paused.remove(&key) {
-            let _ = to_resume.add_partition(&key.0, key.1);
-        }
+    for (topic, partition) in &change.pause {
+        let _ = to_pause.add_partition(topic, *partition);
     }
+    for (topic, partition) in &change.resume {
+        let _ = to_resume.add_partition(topic, *partition);
+    }
+    let over = state.over_budget();
     if to_pause.count() > 0 {
         counter!(m::BACKPRESSURE_PAUSES).increment(1);
         tracing::debug!(

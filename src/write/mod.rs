@@ -21,7 +21,7 @@ pub(crate) mod plan;
 pub mod session;
 mod transaction;
 
-pub use session::{Session, Sink, Statements, write_rows};
+pub use session::{Session, Statements, write_rows};
 
 use std::collections::HashMap;
 use std::sync::Arc;

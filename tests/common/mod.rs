@@ -17,8 +17,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_postgres::{Client, NoTls};
 
-#[path = "../../loadtest/webhooks.rs"]
-pub mod webhooks;
+pub use weir_loadtest::webhooks;
 
 /// Connection settings of the local stack.
 pub struct Stack {
@@ -455,13 +454,7 @@ pub async fn assert_exactly_once(db: &TestDb, sent: &Sent, topics: &Topics) {
             expected.entry(row.table).or_default().insert(key);
         }
         if !event.dead_letters.is_empty() {
-            let mut letters: Vec<String> = event
-                .dead_letters
-                .iter()
-                .map(|d| format!("{} {}/{}", d.table.unwrap_or("-"), d.stage, d.code))
-                .collect();
-            letters.sort();
-            dead_expected.insert(source, letters);
+            dead_expected.insert(source, event.dead_letter_signature());
         }
     }
     for (table, key_sql) in [

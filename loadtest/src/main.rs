@@ -7,17 +7,10 @@
 //! weir-loadtest bench               # weir against PostgreSQL's own COPY limit -> loadtest/RESULTS.md
 //! ```
 
-mod bench;
-mod manifest;
-mod produce;
-mod report;
-mod verify;
-mod webhooks;
-
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use weir_loadtest::{bench, connect, database_url, produce, report, verify};
 
 // The same allocator as the weir binary, so in-process measurements match.
 #[global_allocator]
@@ -52,20 +45,6 @@ enum Command {
     Report(report::ReportArgs),
     /// Measure weir against PostgreSQL's own binary COPY of the same rows.
     Bench(bench::BenchArgs),
-}
-
-fn database_url() -> anyhow::Result<String> {
-    std::env::var("WEIR_DATABASE_URL")
-        .context("set WEIR_DATABASE_URL (deploy/local/stack.sh env prints it)")
-}
-
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connect to PostgreSQL")?;
-    tokio::spawn(connection);
-    client.batch_execute("SET TimeZone = 'UTC'").await?;
-    Ok(client)
 }
 
 fn main() -> ExitCode {

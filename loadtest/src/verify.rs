@@ -222,13 +222,7 @@ pub async fn verify(client: &Client, args: &VerifyArgs) -> anyhow::Result<bool> 
             }
         }
         if !event.dead_letters.is_empty() {
-            let mut letters: Vec<String> = event
-                .dead_letters
-                .iter()
-                .map(|d| format!("{} {}/{}", d.table.unwrap_or("-"), d.stage, d.code))
-                .collect();
-            letters.sort();
-            dead_expected.insert(source, letters);
+            dead_expected.insert(source, event.dead_letter_signature());
         }
     }
 

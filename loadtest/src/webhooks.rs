@@ -136,12 +136,26 @@ pub struct Produced {
     pub headers: Vec<(&'static str, String)>,
     pub payload: Vec<u8>,
     /// Sequence number of the logical event (duplicates share it).
-    #[allow(dead_code)] // read by the verifier
     pub sequence: u64,
     pub duplicate: bool,
     pub malformed: Option<Malformed>,
     pub rows: Vec<ExpectedRow>,
     pub dead_letters: Vec<ExpectedDeadLetter>,
+}
+
+impl Produced {
+    /// The dead letters this message must leave, as sorted
+    /// `"<table or -> <stage>/<code>"` strings: what a verifier compares
+    /// with the dead-letter table, per source message.
+    pub fn dead_letter_signature(&self) -> Vec<String> {
+        let mut letters: Vec<String> = self
+            .dead_letters
+            .iter()
+            .map(|d| format!("{} {}/{}", d.table.unwrap_or("-"), d.stage, d.code))
+            .collect();
+        letters.sort();
+        letters
+    }
 }
 
 struct Company {
