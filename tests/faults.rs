@@ -358,6 +358,78 @@ async fn pausing_and_resuming_inside_batches_is_exactly_once() {
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
 
+/// The partitions `pod` gave away (revoked and not assigned back, per its
+/// log) export no lag from it any more: zeroed on revoke, so only their new
+/// owner's lag counts. Before, their last value stayed frozen there, and
+/// alerts and dashboards added it up.
+async fn assert_no_lag_left_behind(pod: &Weir, port: u16) {
+    let mut owned: std::collections::BTreeMap<(String, String), bool> = Default::default();
+    for line in pod.log().lines() {
+        let event = if line.contains("partition assigned") {
+            true
+        } else if line.contains("partition revoked") {
+            false
+        } else {
+            continue;
+        };
+        if let (Some(topic), Some(partition)) = (field(line, "topic"), field(line, "partition")) {
+            owned.insert((topic, partition), event);
+        }
+    }
+    let given_away: Vec<&(String, String)> = owned
+        .iter()
+        .filter(|(_, owned)| !**owned)
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!given_away.is_empty(), "the pod gave partitions away");
+    let metrics = common::http_get(port, "/metrics").await.1;
+    for (topic, partition) in given_away {
+        assert_eq!(
+            lag_of(&metrics, topic, partition).unwrap_or(0.0),
+            0.0,
+            "{topic}/{partition}: the lag series of a pod that gave it away"
+        );
+    }
+}
+
+/// The value of `name=value` in a log line (ANSI colours stripped).
+fn field(line: &str, name: &str) -> Option<String> {
+    let plain: String = strip_ansi(line);
+    let start = plain.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &plain[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `weir_consumer_lag` of one partition in a /metrics text.
+fn lag_of(metrics: &str, topic: &str, partition: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("weir_consumer_lag{"))
+        .find(|line| {
+            line.contains(&format!("topic=\"{topic}\""))
+                && line.contains(&format!("partition=\"{partition}\""))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 async fn scrape(port: u16, name: &str) -> f64 {
     common::scraped(&common::http_get(port, "/metrics").await.1, name)
 }
@@ -401,6 +473,14 @@ async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
         scrape(a_port, "weir_paused_partitions").await > 0.0
     })
     .await;
+    // ... and has reported the lag of its partitions (every 5 s): nothing
+    // is committed, so it is not zero.
+    common::eventually(
+        "the first pod reports lag",
+        Duration::from_secs(30),
+        || async { scrape(a_port, "weir_consumer_lag").await > 0.0 },
+    )
+    .await;
     // The second pod joins: the group moves partitions while they are paused.
     let mut b = Weir::start(&dir, "b", &pod(b_port));
     common::eventually(
@@ -409,6 +489,7 @@ async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
         || async { scrape(b_port, "weir_assigned_partitions").await > 0.0 },
     )
     .await;
+    assert_no_lag_left_behind(&a, a_port).await;
     lock.rollback().await.expect("unlock");
     wait_until_stored(&db, &group, target).await;
     common::eventually("the first pod resumed", Duration::from_secs(60), || async {

@@ -13,9 +13,11 @@ use std::process::{Command, Output};
 use common::Fixture;
 
 /// The `weir-loadtest` binary of this build. It belongs to the workspace's
-/// `weir-loadtest` crate, so cargo does not hand its path to weir's tests:
-/// it sits in the same target directory as this test's executable
-/// (`cargo test --workspace`, which tests/run.sh runs, builds it).
+/// `weir-loadtest` crate, so cargo neither builds it for weir's tests nor
+/// hands them its path: tests/run.sh builds it first (`cargo build
+/// --workspace --bins`), into the target directory of this test's
+/// executable. A binary older than the load test's sources is refused
+/// rather than tested.
 fn loadtest_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
@@ -23,11 +25,32 @@ fn loadtest_binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let binary = dir.join("weir-loadtest");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the suite with `cargo test --workspace` (tests/run.sh does)",
-        binary.display()
-    );
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)",
+                binary.display()
+            )
+        });
+    let root = common::project_root();
+    let mut dirs = vec![root.join("loadtest/src"), root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("source directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let modified = path.metadata().and_then(|m| m.modified()).expect("mtime");
+            assert!(
+                modified <= built,
+                "{} is older than {}: run `cargo build --workspace --bins` first",
+                binary.display(),
+                path.display()
+            );
+        }
+    }
     binary
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use common::webhooks::Shape;
 use common::{TestDb, Topics};
 use metrics_exporter_prometheus::PrometheusHandle;
+use yaml_rust2::YamlLoader;
 
 fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -182,8 +183,36 @@ fn alert_rules_pass_promtool_and_use_only_weir_metrics() {
         "WeirNoCommits",
         "WeirNotReady",
         "WeirRetriesStorming",
+        "WeirLatencyHigh",
+        "WeirAbsent",
     ] {
         assert!(text.contains(&format!("alert: {alert}")), "{alert}");
+    }
+
+    // Unit tests: every alert has a case in which it fires.
+    let tests = common::project_root().join("deploy/prometheus/alerts.test.yml");
+    let (ok, report) = promtool(&["test", "rules", tests.to_str().expect("path")], None);
+    assert!(ok, "promtool test rules:\n{report}");
+    let rules = &YamlLoader::load_from_str(&text).expect("rules YAML")[0];
+    let cases = &YamlLoader::load_from_str(&std::fs::read_to_string(&tests).expect("tests"))
+        .expect("tests YAML")[0];
+    for rule in rules["groups"][0]["rules"].as_vec().expect("rules") {
+        let alert = rule["alert"].as_str().expect("alert name");
+        assert!(
+            rule["annotations"]["runbook"].as_str().is_some(),
+            "{alert} has runbook text"
+        );
+        let fires = cases["tests"].as_vec().expect("tests").iter().any(|case| {
+            case["alert_rule_test"]
+                .as_vec()
+                .into_iter()
+                .flatten()
+                .any(|check| {
+                    check["alertname"].as_str() == Some(alert)
+                        && check["exp_alerts"].as_vec().is_some_and(|a| !a.is_empty())
+                })
+        });
+        assert!(fires, "{alert}: no test case in which it fires");
     }
 }
 

@@ -28,6 +28,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "cargo test"
+# The workspace's binaries first: tests/loadtest.rs runs weir-loadtest,
+# which belongs to the other crate (cargo does not build it for weir's tests).
+cargo build --workspace --bins --locked
 cargo test --workspace --all-targets --features weir/failpoints --locked -- --nocapture
 
 step "all tests passed"

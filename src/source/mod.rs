@@ -209,6 +209,11 @@ impl WeirContext {
                         Offset::Offset(next),
                     );
                 }
+                // The lag of a partition given away is its next owner's to
+                // report: left as it was, this pod's series would go on
+                // exporting a frozen value that dashboards and alerts add up.
+                gauge!(m::CONSUMER_LAG, "topic" => topic.to_string(), "partition" => elem.partition().to_string())
+                    .set(0.0);
                 tracing::info!(topic = %topic, partition = elem.partition(), lost, "partition revoked");
             }
             gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
