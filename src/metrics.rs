@@ -15,6 +15,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const STAGE_DURATION: &str = "weir_stage_duration_seconds";
+pub const WRITER_TIME: &str = "weir_writer_seconds";
 pub const END_TO_END: &str = "weir_end_to_end_seconds";
 pub const ROWS_WRITTEN: &str = "weir_rows_written_total";
 pub const BYTES_WRITTEN: &str = "weir_bytes_written_total";
@@ -45,6 +46,7 @@ pub const READY: &str = "weir_ready";
 /// against this list).
 pub const ALL: &[&str] = &[
     STAGE_DURATION,
+    WRITER_TIME,
     END_TO_END,
     ROWS_WRITTEN,
     BYTES_WRITTEN,
@@ -109,6 +111,15 @@ pub fn install() -> Result<PrometheusHandle, String> {
         )
         .and_then(|b| {
             b.set_buckets_for_metric(
+                Matcher::Full(WRITER_TIME.into()),
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
                 Matcher::Full(END_TO_END.into()),
                 &[
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -138,6 +149,12 @@ fn describe() {
         STAGE_DURATION,
         Unit::Seconds,
         "Time spent per pipeline stage (poll, decode, batch_wait, partition_ensure, copy, commit, kafka_commit)"
+    );
+    describe_histogram!(
+        WRITER_TIME,
+        Unit::Seconds,
+        "Time each writer spends idle (state=idle: waiting for a batch) and writing (state=writing: \
+         partitions, COPY, commit, retries); rate(..._sum) is the fraction of the time"
     );
     describe_histogram!(
         END_TO_END,

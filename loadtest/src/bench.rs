@@ -174,6 +174,112 @@ struct Measure {
     weir_cpu: f64,
     broker_cpu: f64,
     peak_rss_mib: f64,
+    /// weir's writer sessions as PostgreSQL saw them.
+    sessions: Vec<SessionLoad>,
+    /// Per writer, the fraction of its time spent writing (weir's own
+    /// `weir_writer_seconds`).
+    writers_busy: Vec<(String, f64)>,
+}
+
+/// How busy one PostgreSQL backend serving a weir writer was.
+#[derive(Debug, Clone, Default)]
+struct SessionLoad {
+    /// `application_name`, e.g. weir-writer-0.
+    name: String,
+    /// Fraction of `pg_stat_activity` samples in which it was working:
+    /// active and not waiting for the client (a COPY waiting for weir's
+    /// next chunk shows `ClientRead`).
+    busy: f64,
+    /// Its CPU time over the wall time it was sampled.
+    cpu: f64,
+}
+
+/// Samples of weir's writer backends in `pg_stat_activity` over a drain.
+#[derive(Default)]
+struct SessionSampler {
+    /// Per application_name: backend pid, samples working, samples in all,
+    /// CPU seconds when first seen and when first seen.
+    seen: HashMap<String, (u32, u64, u64, f64, Instant)>,
+}
+
+impl SessionSampler {
+    async fn sample(&mut self, client: &Client, pattern: &str) -> anyhow::Result<()> {
+        let rows = client
+            .query(
+                "SELECT application_name, pid, state = 'active' AND wait_event IS DISTINCT FROM 'ClientRead'
+                   FROM pg_stat_activity WHERE application_name LIKE $1",
+                &[&pattern],
+            )
+            .await?;
+        for row in rows {
+            let name: String = row.get(0);
+            let pid = row.get::<_, i32>(1) as u32;
+            let working: bool = row.get::<_, Option<bool>>(2).unwrap_or(false);
+            let entry = self
+                .seen
+                .entry(name)
+                .or_insert_with(|| (pid, 0, 0, cpu_seconds(pid), Instant::now()));
+            if entry.0 != pid {
+                // A new session (the writer reconnected): start over.
+                *entry = (pid, 0, 0, cpu_seconds(pid), Instant::now());
+            }
+            entry.1 += working as u64;
+            entry.2 += 1;
+        }
+        Ok(())
+    }
+
+    fn loads(&self) -> Vec<SessionLoad> {
+        let mut loads: Vec<SessionLoad> = self
+            .seen
+            .iter()
+            .map(
+                |(name, (pid, working, total, cpu_before, since))| SessionLoad {
+                    name: name.clone(),
+                    busy: *working as f64 / (*total).max(1) as f64,
+                    cpu: (cpu_seconds(*pid) - cpu_before) / since.elapsed().as_secs_f64().max(1e-9),
+                },
+            )
+            .collect();
+        loads.sort_by(|a, b| a.name.cmp(&b.name));
+        loads
+    }
+}
+
+/// Per writer, the fraction of its time spent writing, from weir's
+/// `weir_writer_seconds_sum{writer,state}` in a /metrics text.
+fn writers_busy(metrics: &str) -> Vec<(String, f64)> {
+    let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("weir_writer_seconds_sum{") else {
+            continue;
+        };
+        let label = |name: &str| {
+            let start = rest
+                .find(&format!("{name}=\""))
+                .map(|i| i + name.len() + 2)?;
+            let end = rest[start..].find('"')? + start;
+            Some(rest[start..end].to_string())
+        };
+        let (Some(writer), Some(state), Some(value)) = (
+            label("writer"),
+            label("state"),
+            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        let entry = sums.entry(writer).or_default();
+        match state.as_str() {
+            "writing" => entry.0 += value,
+            _ => entry.1 += value,
+        }
+    }
+    let mut busy: Vec<(String, f64)> = sums
+        .into_iter()
+        .map(|(writer, (writing, idle))| (writer, writing / (writing + idle).max(1e-9)))
+        .collect();
+    busy.sort_by(|a, b| a.0.cmp(&b.0));
+    busy
 }
 
 impl Measure {
@@ -313,6 +419,7 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
             Measure::per_row_us(measure.postgres_cpu, measure.rows),
             measure.peak_rss_mib
         );
+        println!("  {}", where_the_time_goes(&measure));
         drained.push(measure);
     }
 
@@ -666,7 +773,10 @@ impl Bench {
             postgres_cpu(),
         );
         let started = Instant::now();
+        let mut sampler = SessionSampler::default();
+        let writer_sessions = format!("{}-writer-%", self.config.postgres.application_name);
         loop {
+            sampler.sample(client, &writer_sessions).await?;
             if self.stored(client, &group).await? >= events as i64 {
                 break;
             }
@@ -686,6 +796,10 @@ impl Bench {
             weir_cpu: cpu_seconds(pid) - weir_before,
             broker_cpu: brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
             peak_rss_mib: peak_rss_mib(pid),
+            sessions: sampler.loads(),
+            writers_busy: writers_busy(
+                &crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?,
+            ),
         };
         let written = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0);
         terminate(&mut child)?;
@@ -914,7 +1028,7 @@ async fn broker_read_ceiling(brokers: &str, topic: &str, events: u64) -> anyhow:
             postgres_cpu: 0.0,
             weir_cpu: 0.0,
             broker_cpu: broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
-            peak_rss_mib: 0.0,
+            ..Measure::default()
         })
     })
     .await?
@@ -986,6 +1100,14 @@ fn results_section(
             m.peak_rss_mib
         );
     }
+    for (writers, m) in drained.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "\nWhere the time goes, {} writer(s): {}.",
+            writers + 1,
+            where_the_time_goes(m)
+        );
+    }
     let _ = writeln!(
         s,
         "\nThe other processes: the generator preloaded {} bodies at {:.0} bodies/s using {:.1} us CPU per body \
@@ -1023,12 +1145,12 @@ fn results_section(
     let rss = drained.iter().map(|m| m.peak_rss_mib).fold(0.0, f64::max);
     let _ = writeln!(
         s,
-        "Targets: 1 writer >= 0.9 of the 1-session limit: {:.2} ({}); 2 writers >= 0.8 of the 2-session limit: {:.2} ({}); \
+        "Targets: 1 writer >= 0.9 of the 1-session limit: {:.2} ({}); 2 writers >= 0.85 of the 2-session limit: {:.2} ({}); \
          weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}).",
         best(0),
         verdict(best(0) >= 0.9),
         best(1),
-        verdict(best(1) >= 0.8),
+        verdict(best(1) >= 0.85),
         cpu_ratio,
         verdict(cpu_ratio <= 0.25),
         rss,
@@ -1037,6 +1159,39 @@ fn results_section(
         verdict(latency.metric_p99 <= 0.25)
     );
     Ok(s)
+}
+
+/// weir's writer sessions in PostgreSQL (busy and CPU fractions) and
+/// weir's writers (fraction of their time writing), in one line.
+fn where_the_time_goes(m: &Measure) -> String {
+    let sessions: Vec<String> = m
+        .sessions
+        .iter()
+        .map(|l| {
+            format!(
+                "PostgreSQL backend {} busy {:.0}% of samples, CPU {:.0}%",
+                l.name,
+                l.busy * 100.0,
+                l.cpu * 100.0
+            )
+        })
+        .collect();
+    let writers: Vec<String> = m
+        .writers_busy
+        .iter()
+        .map(|(writer, busy)| {
+            format!(
+                "weir writer {writer} writing {:.0}% of its time",
+                busy * 100.0
+            )
+        })
+        .collect();
+    format!(
+        "{}; {}; weir used {:.0}% of a core",
+        sessions.join(", "),
+        writers.join(", "),
+        m.weir_cpu / m.seconds.max(1e-9) * 100.0
+    )
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1048,4 +1203,27 @@ fn append_results(path: &Path, section: &str) -> anyhow::Result<()> {
         std::fs::read_to_string(path).unwrap_or_else(|_| "# weir benchmark results\n".into());
     text.push_str(section);
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}
+
+#[cfg(test)]
+mod writer_time_tests {
+    use super::writers_busy;
+
+    #[test]
+    fn the_busy_fraction_per_writer_comes_from_the_histogram_sums() {
+        let metrics = "\
+# TYPE weir_writer_seconds histogram
+weir_writer_seconds_bucket{writer=\"0\",state=\"idle\",le=\"+Inf\"} 10
+weir_writer_seconds_sum{writer=\"0\",state=\"idle\"} 3
+weir_writer_seconds_count{writer=\"0\",state=\"idle\"} 10
+weir_writer_seconds_sum{writer=\"0\",state=\"writing\"} 9
+weir_writer_seconds_sum{writer=\"1\",state=\"writing\"} 2
+weir_writer_seconds_sum{writer=\"1\",state=\"idle\"} 6
+";
+        let busy = writers_busy(metrics);
+        assert_eq!(busy.len(), 2);
+        assert_eq!(busy[0].0, "0");
+        assert!((busy[0].1 - 0.75).abs() < 1e-9);
+        assert!((busy[1].1 - 0.25).abs() < 1e-9);
+    }
 }

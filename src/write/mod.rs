@@ -98,17 +98,28 @@ impl Writer {
             tokio::time::sleep(backoff.next_backoff().unwrap_or(Duration::from_secs(5))).await;
             self.shared.health.writer_beat(self.index);
         }
+        // Where this writer's time goes: waiting for the batcher (idle) or
+        // writing. An idle writer under a backlog means decoding or Kafka
+        // is the bottleneck; a writer always writing means PostgreSQL is.
+        let writer = self.index.to_string();
+        let idle = histogram!(m::WRITER_TIME, "writer" => writer.clone(), "state" => "idle");
+        let writing = histogram!(m::WRITER_TIME, "writer" => writer, "state" => "writing");
         loop {
+            let waiting = std::time::Instant::now();
             let batch = tokio::select! {
                 batch = input.recv() => batch,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    idle.record(waiting.elapsed().as_secs_f64());
                     self.shared.health.writer_beat(self.index);
                     self.check_session().await;
                     continue;
                 }
             };
+            idle.record(waiting.elapsed().as_secs_f64());
             let Some(batch) = batch else { break };
+            let started = std::time::Instant::now();
             self.handle(&batch).await;
+            writing.record(started.elapsed().as_secs_f64());
             for segment in batch.segments {
                 self.pool.give(segment.buf);
             }
