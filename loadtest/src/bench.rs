@@ -179,6 +179,10 @@ struct Measure {
     /// Per writer, the fraction of its time spent writing (weir's own
     /// `weir_writer_seconds`).
     writers_busy: Vec<(String, f64)>,
+    /// Times weir paused its partitions for backpressure (each pause drops
+    /// librdkafka's prefetched data, and fetching resumes up to a second
+    /// later).
+    pauses: f64,
 }
 
 /// How busy one PostgreSQL backend serving a weir writer was.
@@ -244,6 +248,18 @@ impl SessionSampler {
         loads.sort_by(|a, b| a.name.cmp(&b.name));
         loads
     }
+}
+
+/// The sum of every series of the metric `name` in a /metrics text.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Per writer, the fraction of its time spent writing, from weir's
@@ -789,17 +805,23 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let (postgres_cpu, weir_cpu, broker_cpu, sessions) = (
+            cpu_delta(&cpu_before, &postgres_cpu()),
+            cpu_seconds(pid) - weir_before,
+            brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            sampler.loads(),
+        );
+        let metrics = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         let measure = Measure {
             rows: items - already,
             seconds,
-            postgres_cpu: cpu_delta(&cpu_before, &postgres_cpu()),
-            weir_cpu: cpu_seconds(pid) - weir_before,
-            broker_cpu: brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            postgres_cpu,
+            weir_cpu,
+            broker_cpu,
             peak_rss_mib: peak_rss_mib(pid),
-            sessions: sampler.loads(),
-            writers_busy: writers_busy(
-                &crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?,
-            ),
+            sessions,
+            writers_busy: writers_busy(&metrics),
+            pauses: metric_sum(&metrics, "weir_backpressure_pauses_total"),
         };
         let written = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0);
         terminate(&mut child)?;
@@ -1187,10 +1209,11 @@ fn where_the_time_goes(m: &Measure) -> String {
         })
         .collect();
     format!(
-        "{}; {}; weir used {:.0}% of a core",
+        "{}; {}; weir used {:.0}% of a core; backpressure paused the partitions {:.0} times",
         sessions.join(", "),
         writers.join(", "),
-        m.weir_cpu / m.seconds.max(1e-9) * 100.0
+        m.weir_cpu / m.seconds.max(1e-9) * 100.0,
+        m.pauses
     )
 }
 
