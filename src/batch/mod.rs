@@ -148,7 +148,7 @@ pub struct Batcher {
     pub max_rows: usize,
     pub max_bytes: usize,
     pub linger: Duration,
-    /// Shared with this writer's flusher, which gives buffers back.
+    /// Shared with this lane set's writer, which gives buffers back.
     pub pool: BufferPool,
 }
 
@@ -314,7 +314,7 @@ impl Batcher {
     async fn send(&self, batch: Batch) {
         gauge!(m::IN_FLIGHT_ROWS).increment(batch.rows as f64);
         if let Err(returned) = self.output.send(batch).await {
-            // The flusher is gone (shutdown deadline): release and drop.
+            // The writer is gone (shutdown deadline): release and drop.
             self.in_flight.release(returned.0.charged_bytes);
             gauge!(m::IN_FLIGHT_ROWS).decrement(returned.0.rows as f64);
         }
