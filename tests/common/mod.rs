@@ -223,12 +223,6 @@ pub fn config_text(schema: &str, topics: &Topics, group: &str, extra: &str) -> S
     let properties = kafka["properties"].as_table_mut().expect("properties");
     properties.insert("fetch.wait.max.ms".into(), "10".into());
     properties.insert("session.timeout.ms".into(), "6000".into());
-    // The rebalance timeout. tansu waits this long for a member that
-    // stopped heartbeating in the middle of a rebalance (a frozen pod)
-    // before it completes the rebalance without it; librdkafka's default is
-    // 5 minutes. weir polls every 100 ms at most, so 10 s never expires a
-    // live weir.
-    properties.insert("max.poll.interval.ms".into(), "10000".into());
     properties.insert("heartbeat.interval.ms".into(), "500".into());
     table["postgres"]
         .as_table_mut()
