@@ -633,14 +633,11 @@ async fn with_the_error_policy_an_out_of_range_partition_stops_and_says_so() {
 /// Failed reloads so far, from weir's metrics in this test binary.
 #[cfg(feature = "failpoints")]
 fn failed_reloads() -> f64 {
-    recorder()
-        .render()
-        .lines()
-        .filter(|line| {
-            line.starts_with("weir_kafka_errors_total{") && line.contains("kind=\"reload\"")
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    common::scraped_matching(
+        &recorder().render(),
+        "weir_kafka_errors_total",
+        "kind=\"reload\"",
+    )
 }
 
 /// An operator rewinds a partition while weir runs (empties the tables and
@@ -785,13 +782,7 @@ async fn records_deleted_before_weir_read_them_are_a_counted_gap() {
     .await;
     running.stop().await;
     let metrics = recorder.render();
-    let of_topic = |name: &str| {
-        metrics
-            .lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&webhooks))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |sum, value| sum + value)
-    };
+    let of_topic = |name: &str| common::scraped_matching(&metrics, name, &webhooks);
     let (gaps, resets) = (
         of_topic("weir_offset_gaps_total"),
         of_topic("weir_offset_resets_total"),

@@ -714,15 +714,54 @@ async fn a_dropped_column_stops_the_writer_until_it_is_restored() {
             .await,
         0
     );
-    let all = common::Sent {
-        events: first.events.into_iter().chain(second.events).collect(),
-        delivered: first
-            .delivered
-            .into_iter()
-            .chain(second.delivered)
-            .collect(),
-    };
+    let all = first.join(second);
     common::assert_exactly_once(&db, &all, &topics).await;
+}
+
+/// `weir dlq replay` as the command runs it: its own sessions (one for the
+/// replay transaction, one for partition DDL) and the tables as prepared
+/// at start-up.
+struct Replayer {
+    config: weir::config::Config,
+    client: tokio_postgres::Client,
+    ddl: tokio_postgres::Client,
+    prepared: weir::pipeline::Prepared,
+}
+
+impl Replayer {
+    async fn connect(config: &weir::config::Config) -> Replayer {
+        let url = &common::stack().database_url;
+        let mut client = weir::store::db::connect(url, &config.postgres, "test")
+            .await
+            .expect("connect");
+        let ddl = weir::store::db::connect(url, &config.postgres, "test-ddl")
+            .await
+            .expect("connect");
+        let prepared = weir::pipeline::prepare(config, &mut client)
+            .await
+            .expect("prepare");
+        Replayer {
+            config: config.clone(),
+            client,
+            ddl,
+            prepared,
+        }
+    }
+
+    /// Replays every dead letter not replayed yet (`dry_run`: rolled back).
+    async fn replay(&mut self, dry_run: bool) -> weir::dlq::ReplayReport {
+        weir::dlq::replay(
+            &mut self.client,
+            &mut self.ddl,
+            &self.config,
+            &self.prepared,
+            &weir::dlq::Filter::default(),
+            10_000,
+            dry_run,
+        )
+        .await
+        .expect("replay")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,29 +808,8 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
     );
 
     // Replay before the fix: every one fails again, attempts go up.
-    let mut client =
-        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test")
-            .await
-            .expect("connect");
-    let mut ddl =
-        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test-ddl")
-            .await
-            .expect("connect");
-    let prepared = weir::pipeline::prepare(&config, &mut client)
-        .await
-        .expect("prepare");
-    let filter = weir::dlq::Filter::default();
-    let report = weir::dlq::replay(
-        &mut client,
-        &mut ddl,
-        &config,
-        &prepared,
-        &filter,
-        10_000,
-        false,
-    )
-    .await
-    .expect("replay");
+    let mut replayer = Replayer::connect(&config).await;
+    let report = replayer.replay(false).await;
     assert_eq!(
         (report.replayed, report.failed_again),
         (0, refused as usize)
@@ -811,17 +829,7 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         ))
         .await
         .expect("fix");
-    let dry = weir::dlq::replay(
-        &mut client,
-        &mut ddl,
-        &config,
-        &prepared,
-        &filter,
-        10_000,
-        true,
-    )
-    .await
-    .expect("dry run");
+    let dry = replayer.replay(true).await;
     assert_eq!(dry.replayed, refused as usize);
     assert_eq!(
         db.count(&format!(
@@ -830,30 +838,10 @@ async fn replay_after_fixing_a_constraint_writes_rows_exactly_once() {
         .await,
         0
     );
-    let report = weir::dlq::replay(
-        &mut client,
-        &mut ddl,
-        &config,
-        &prepared,
-        &filter,
-        10_000,
-        false,
-    )
-    .await
-    .expect("replay");
+    let report = replayer.replay(false).await;
     assert_eq!(report.replayed, refused as usize);
     assert_eq!(report.rows_written, refused as usize);
-    let again = weir::dlq::replay(
-        &mut client,
-        &mut ddl,
-        &config,
-        &prepared,
-        &filter,
-        10_000,
-        false,
-    )
-    .await
-    .expect("replay again");
+    let again = replayer.replay(false).await;
     assert_eq!(
         again.selected, 0,
         "replayed dead letters are not replayed twice"
@@ -918,28 +906,8 @@ async fn replay_skips_rows_a_dedupe_key_finds_already_written() {
         .count(&format!("SELECT count(*) FROM \"{s}\".messages"))
         .await;
 
-    let mut client =
-        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test")
-            .await
-            .expect("connect");
-    let mut ddl =
-        weir::store::db::connect(&common::stack().database_url, &config.postgres, "test-ddl")
-            .await
-            .expect("connect");
-    let prepared = weir::pipeline::prepare(&config, &mut client)
-        .await
-        .expect("prepare");
-    let report = weir::dlq::replay(
-        &mut client,
-        &mut ddl,
-        &config,
-        &prepared,
-        &weir::dlq::Filter::default(),
-        10_000,
-        false,
-    )
-    .await
-    .expect("replay");
+    let mut replayer = Replayer::connect(&config).await;
+    let report = replayer.replay(false).await;
     println!("{report:?}");
     assert_eq!(report.failed_again, 0, "no dead letter fails again");
     assert_eq!(report.replayed, refused as usize);

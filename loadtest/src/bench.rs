@@ -250,18 +250,6 @@ impl SessionSampler {
     }
 }
 
-/// The sum of every series of the metric `name` in a /metrics text.
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Per writer, the fraction of its time spent writing, from weir's
 /// `weir_writer_seconds_sum{writer,state}` in a /metrics text.
 fn writers_busy(metrics: &str) -> Vec<(String, f64)> {
@@ -821,7 +809,7 @@ impl Bench {
             peak_rss_mib: peak_rss_mib(pid),
             sessions,
             writers_busy: writers_busy(&metrics),
-            pauses: metric_sum(&metrics, "weir_backpressure_pauses_total"),
+            pauses: crate::report::metric_sum(&metrics, "weir_backpressure_pauses_total", ""),
         };
         let written = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0);
         terminate(&mut child)?;

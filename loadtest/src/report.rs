@@ -108,6 +108,22 @@ pub async fn series(client: &Client, schema: &str, run: &Run) -> anyhow::Result<
     Ok(out)
 }
 
+/// The sum of the series of the metric `name` in a /metrics text whose
+/// line contains `fragment` (a label such as `kind="reload"`; empty for
+/// every series).
+pub fn metric_sum(metrics: &str, name: &str, fragment: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter(|line| line.contains(fragment))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, value| sum + value)
+}
+
 /// Percentiles of `weir_end_to_end_seconds{from="kafka"}` per table from a
 /// Prometheus scrape (linear within buckets, as `histogram_quantile` does).
 pub fn metric_percentiles(scrape: &str) -> BTreeMap<String, Percentiles> {

@@ -15,6 +15,7 @@
 //! A crash anywhere before 5 leaves nothing; after it, rows, dead letters
 //! and offset are all there.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -215,12 +216,12 @@ async fn copy_parts(
         let copy_started = Instant::now();
         let segment = &batch.segments[part.segment];
         let table = mappings.tables[segment.table].name().to_string();
-        let (rows_written, inserted): (Vec<usize>, u64) = match pass {
+        let (rows_written, inserted): (Cow<'_, [usize]>, u64) = match pass {
             Pass::Fast => {
                 let inserted = write_rows(transaction, sink, segment, &part.rows)
                     .await
                     .map_err(|err| Failure::from_db(&err))?;
-                (part.rows.clone(), inserted)
+                (Cow::Borrowed(&part.rows), inserted)
             }
             Pass::Careful => {
                 let mut found = Isolated::default();
@@ -250,7 +251,7 @@ async fn copy_parts(
                     .copied()
                     .filter(|row| !bad.contains(row))
                     .collect();
-                (kept, found.inserted)
+                (Cow::Owned(kept), found.inserted)
             }
         };
         // Rows a dedupe key skipped (already in the table); counted only

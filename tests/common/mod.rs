@@ -733,13 +733,11 @@ pub async fn send(
 /// The metric `name` from a Prometheus scrape, summed over its labels (0
 /// when it is not there).
 pub fn scraped(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    scraped_matching(metrics, name, "")
+}
+
+/// [`scraped`], over the series of `name` whose line contains `fragment`
+/// (a label, say `kind="reload"`).
+pub fn scraped_matching(metrics: &str, name: &str, fragment: &str) -> f64 {
+    weir_loadtest::report::metric_sum(metrics, name, fragment)
 }
