@@ -5,10 +5,10 @@
 //! [`Request`]s (commit this offset to Kafka, reload this lane). Bytes read
 //! and not yet committed are charged to one [`InFlight`] budget.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use metrics::gauge;
+use metrics::{Gauge, gauge};
 
 use crate::event::Event;
 use crate::metrics as m;
@@ -61,15 +61,29 @@ pub enum Request {
 
 /// Bytes taken from Kafka and not yet committed or dropped: the events,
 /// and the rows encoded from them.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct InFlight {
     bytes: AtomicUsize,
+    /// The gauge's handle, looked up once (charged once per message).
+    gauge: OnceLock<Gauge>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("bytes", &self.get())
+            .finish()
+    }
 }
 
 impl InFlight {
+    fn gauge(&self) -> &Gauge {
+        self.gauge.get_or_init(|| gauge!(m::IN_FLIGHT_BYTES))
+    }
+
     pub fn charge(&self, bytes: usize) {
         let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        gauge!(m::IN_FLIGHT_BYTES).set(now as f64);
+        self.gauge().set(now as f64);
     }
 
     pub fn release(&self, bytes: usize) {
@@ -78,19 +92,10 @@ impl InFlight {
             before >= bytes,
             "in-flight accounting should never go negative"
         );
-        gauge!(m::IN_FLIGHT_BYTES).set(before.saturating_sub(bytes) as f64);
+        self.gauge().set(before.saturating_sub(bytes) as f64);
     }
 
     pub fn get(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
-}
-
-/// The writer that owns a lane: stable for a given topic and partition, so
-/// one writer commits a partition's batches in order.
-pub fn writer_for(topic: &str, partition: i32, writers: usize) -> usize {
-    let topic_hash = topic
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    ((topic_hash as usize).wrapping_add(partition as usize)) % writers
 }

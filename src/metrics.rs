@@ -35,6 +35,7 @@ pub const IN_FLIGHT_ROWS: &str = "weir_in_flight_rows";
 pub const PAUSED_PARTITIONS: &str = "weir_paused_partitions";
 pub const BACKPRESSURE_PAUSES: &str = "weir_backpressure_pauses_total";
 pub const ASSIGNED_PARTITIONS: &str = "weir_assigned_partitions";
+pub const PARTITION_WRITER: &str = "weir_partition_writer";
 pub const LANE_STOPPED: &str = "weir_lane_stopped";
 pub const KAFKA_ERRORS: &str = "weir_kafka_errors_total";
 pub const BISECT_COPIES: &str = "weir_bisect_copies_total";
@@ -66,6 +67,7 @@ pub const ALL: &[&str] = &[
     PAUSED_PARTITIONS,
     BACKPRESSURE_PAUSES,
     ASSIGNED_PARTITIONS,
+    PARTITION_WRITER,
     LANE_STOPPED,
     KAFKA_ERRORS,
     BISECT_COPIES,
@@ -221,14 +223,19 @@ fn describe() {
         "Rows cut into batches and not yet committed"
     );
     describe_gauge!(
+        PARTITION_WRITER,
+        Unit::Count,
+        "The writer (and PostgreSQL session) an assigned partition is written by; -1 once given away"
+    );
+    describe_gauge!(
         PAUSED_PARTITIONS,
         Unit::Count,
-        "Partitions paused for backpressure"
+        "Partitions held back (not read) for backpressure"
     );
     describe_counter!(
         BACKPRESSURE_PAUSES,
         Unit::Count,
-        "Times the consumer paused its partitions because writers fell behind"
+        "Times the consumer held partitions back (stopped reading them) because writers fell behind"
     );
     describe_gauge!(
         ASSIGNED_PARTITIONS,

@@ -461,6 +461,7 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
         group,
         mut config,
     } = Fixture::new("stuck", 4).await;
+    let recorder = recorder();
     let writers = 2;
     config.postgres.writers = writers;
     config.pipeline.queue_messages = 64;
@@ -479,7 +480,18 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
 
     // From now on the writer of webhooks partition 0 cannot commit.
     let stuck_topic = topics.webhooks();
-    let stuck_writer = weir::lane::writer_for(&stuck_topic, 0, writers);
+    // Which writer writes a partition, as weir exports it.
+    let writer_of = |topic: &str, partition: i32| -> i64 {
+        let series =
+            format!("weir_partition_writer{{topic=\"{topic}\",partition=\"{partition}\"}} ");
+        let metrics = recorder.render();
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with(&series))
+            .unwrap_or_else(|| panic!("no {series} in the metrics"));
+        line[series.len()..].trim().parse().expect("a writer index")
+    };
+    let stuck_writer = writer_of(&stuck_topic, 0);
     let mut locker = common::connect(&common::stack().database_url).await;
     let lock = locker.transaction().await.expect("begin");
     lock.query_one(
@@ -501,9 +513,7 @@ async fn a_stuck_writer_pauses_only_its_own_partitions() {
         .collect();
     let free: Vec<((String, i32), i64)> = ends
         .iter()
-        .filter(|((topic, partition), _)| {
-            weir::lane::writer_for(topic, *partition, writers) != stuck_writer
-        })
+        .filter(|((topic, partition), _)| writer_of(topic, *partition) != stuck_writer)
         .map(|(key, end)| (key.clone(), *end))
         .collect();
     assert!(!free.is_empty(), "the other writer owns partitions");

@@ -25,6 +25,9 @@ use crate::event::{DeadLetter, Event};
 use crate::lane::{InFlight, LaneEvent};
 use crate::metrics as m;
 
+/// Most lane events the batcher takes from its queue at once.
+const RECV_CHUNK: usize = 256;
+
 /// Offset gaps are logged at most this often per lane (always counted).
 const GAP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
@@ -128,7 +131,11 @@ impl Gathering {
             rows: gathered.rows,
             segments: gathered.segments.into_iter().map(|s| s.seal()).collect(),
             dead_letters: gathered.dead_letters,
-            messages: std::mem::take(&mut self.messages),
+            // The next batch is likely the same size: no regrowth.
+            messages: {
+                let capacity = self.messages.len();
+                std::mem::replace(&mut self.messages, Vec::with_capacity(capacity))
+            },
             charged_bytes: std::mem::take(&mut self.charged),
         };
         // The following batch continues where this one ends. If this one is
@@ -155,15 +162,19 @@ pub struct Batcher {
 impl Batcher {
     pub async fn run(mut self) {
         let mut lanes: HashMap<(Arc<str>, i32), Gathering> = HashMap::new();
+        // Events are taken from the queue in chunks: under a backlog the
+        // linger timer and the channel are polled once per chunk, not once
+        // per message.
+        let mut events = Vec::with_capacity(RECV_CHUNK);
         loop {
             let deadline = lanes
                 .values()
                 .filter_map(|lane| lane.oldest)
                 .min()
                 .map(|oldest| oldest + self.linger);
-            let next = match deadline {
+            let received = match deadline {
                 Some(deadline) => tokio::select! {
-                    next = self.input.recv() => next,
+                    received = self.input.recv_many(&mut events, RECV_CHUNK) => received,
                     _ = tokio::time::sleep_until(deadline) => {
                         let due: Vec<_> = lanes
                             .values_mut()
@@ -176,136 +187,142 @@ impl Batcher {
                         continue;
                     }
                 },
-                None => self.input.recv().await,
+                None => self.input.recv_many(&mut events, RECV_CHUNK).await,
             };
-            let Some(event) = next else {
+            if received == 0 {
                 // The consumer is shutting down: flush what is held.
                 let rest: Vec<_> = lanes.values_mut().filter_map(Gathering::cut).collect();
                 for batch in rest {
                     self.send(batch).await;
                 }
                 return;
-            };
-            match event {
-                LaneEvent::Assigned {
-                    topic,
-                    partition,
-                    epoch,
-                    stored,
-                } => {
-                    let lane =
-                        Gathering::new(topic.clone(), partition, epoch, stored, self.pool.clone());
-                    if let Some(old) = lanes.insert((topic, partition), lane) {
-                        // Whatever the old assignment held is read again.
-                        self.in_flight.release(old.charged);
-                    }
+            }
+            for event in events.drain(..) {
+                self.take(&mut lanes, event).await;
+            }
+        }
+    }
+
+    /// Takes one lane event in: starts or ends a lane, or decodes a message
+    /// into its lane's batch (cutting the batch when it is full).
+    async fn take(&self, lanes: &mut HashMap<(Arc<str>, i32), Gathering>, event: LaneEvent) {
+        match event {
+            LaneEvent::Assigned {
+                topic,
+                partition,
+                epoch,
+                stored,
+            } => {
+                let lane =
+                    Gathering::new(topic.clone(), partition, epoch, stored, self.pool.clone());
+                if let Some(old) = lanes.insert((topic, partition), lane) {
+                    // Whatever the old assignment held is read again.
+                    self.in_flight.release(old.charged);
                 }
-                LaneEvent::Revoked {
-                    topic,
-                    partition,
-                    epoch,
-                } => {
-                    let key = (topic, partition);
-                    if lanes.get(&key).is_some_and(|lane| lane.epoch == epoch) {
-                        let lane = lanes.remove(&key).expect("lane was just found");
-                        self.in_flight.release(lane.charged);
-                    }
+            }
+            LaneEvent::Revoked {
+                topic,
+                partition,
+                epoch,
+            } => {
+                let key = (topic, partition);
+                if lanes.get(&key).is_some_and(|lane| lane.epoch == epoch) {
+                    let lane = lanes.remove(&key).expect("lane was just found");
+                    self.in_flight.release(lane.charged);
                 }
-                LaneEvent::Message {
-                    epoch,
-                    event,
-                    charged,
-                } => {
-                    let key = (event.topic.clone(), event.partition);
-                    let Some(lane) = lanes.get_mut(&key).filter(|lane| lane.epoch == epoch) else {
-                        // Read under an assignment that has ended.
-                        self.in_flight.release(charged);
-                        continue;
-                    };
-                    if let Some(position) = lane.position {
-                        if event.offset < position {
-                            // Within one epoch librdkafka delivers a
-                            // partition's offsets in increasing order; it
-                            // goes back only when it resets a position the
-                            // log no longer holds (the topic was deleted and
-                            // recreated, or the log truncated by an unclean
-                            // leader election) to the log's start. Those
-                            // offsets now hold *other* records than the ones
-                            // weir wrote under them: they are written, never
-                            // skipped. What the lane holds is cut first (it
-                            // ends at `position`); the next batch then moves
-                            // the stored offset back, by the same
-                            // compare-and-set as any other batch.
-                            counter!(m::OFFSET_RESETS, "topic" => event.topic.to_string())
-                                .increment(1);
+            }
+            LaneEvent::Message {
+                epoch,
+                event,
+                charged,
+            } => {
+                let key = (event.topic.clone(), event.partition);
+                let Some(lane) = lanes.get_mut(&key).filter(|lane| lane.epoch == epoch) else {
+                    // Read under an assignment that has ended.
+                    self.in_flight.release(charged);
+                    return;
+                };
+                if let Some(position) = lane.position {
+                    if event.offset < position {
+                        // Within one epoch librdkafka delivers a
+                        // partition's offsets in increasing order; it
+                        // goes back only when it resets a position the
+                        // log no longer holds (the topic was deleted and
+                        // recreated, or the log truncated by an unclean
+                        // leader election) to the log's start. Those
+                        // offsets now hold *other* records than the ones
+                        // weir wrote under them: they are written, never
+                        // skipped. What the lane holds is cut first (it
+                        // ends at `position`); the next batch then moves
+                        // the stored offset back, by the same
+                        // compare-and-set as any other batch.
+                        counter!(m::OFFSET_RESETS, "topic" => event.topic.to_string()).increment(1);
+                        tracing::warn!(
+                            topic = %event.topic, partition = event.partition,
+                            stored = ?lane.prev, expected = position, got = event.offset,
+                            "offset reset: the log no longer holds this partition's position \
+                             (topic recreated or log truncated); writing what it holds from \
+                             its new start"
+                        );
+                        if let Some(batch) = lane.cut() {
+                            self.send(batch).await;
+                        }
+                    } else if event.offset > position {
+                        counter!(m::OFFSET_GAPS, "topic" => event.topic.to_string()).increment(1);
+                        // A warning, at most once a minute per lane:
+                        // compacted topics and transaction markers make
+                        // gaps all the time, retention only when records
+                        // were deleted before weir read them.
+                        lane.gap_offsets += (event.offset - position) as u64;
+                        if lane
+                            .gap_warned
+                            .is_none_or(|at| at.elapsed() >= GAP_WARNING_EVERY)
+                        {
                             tracing::warn!(
                                 topic = %event.topic, partition = event.partition,
-                                stored = ?lane.prev, expected = position, got = event.offset,
-                                "offset reset: the log no longer holds this partition's position \
-                                 (topic recreated or log truncated); writing what it holds from \
-                                 its new start"
+                                expected = position, got = event.offset,
+                                missing_offsets = lane.gap_offsets,
+                                "offsets missing: expected on a compacted topic or after \
+                                 transaction markers; otherwise records were deleted before \
+                                 weir read them"
                             );
-                            if let Some(batch) = lane.cut() {
-                                self.send(batch).await;
-                            }
-                        } else if event.offset > position {
-                            counter!(m::OFFSET_GAPS, "topic" => event.topic.to_string())
-                                .increment(1);
-                            // A warning, at most once a minute per lane:
-                            // compacted topics and transaction markers make
-                            // gaps all the time, retention only when records
-                            // were deleted before weir read them.
-                            lane.gap_offsets += (event.offset - position) as u64;
-                            if lane
-                                .gap_warned
-                                .is_none_or(|at| at.elapsed() >= GAP_WARNING_EVERY)
-                            {
-                                tracing::warn!(
-                                    topic = %event.topic, partition = event.partition,
-                                    expected = position, got = event.offset,
-                                    missing_offsets = lane.gap_offsets,
-                                    "offsets missing: expected on a compacted topic or after \
-                                     transaction markers; otherwise records were deleted before \
-                                     weir read them"
-                                );
-                                lane.gap_warned = Some(Instant::now());
-                                lane.gap_offsets = 0;
-                            }
+                            lane.gap_warned = Some(Instant::now());
+                            lane.gap_offsets = 0;
                         }
                     }
-                    // Cut before an event that would likely carry the batch
-                    // past `max_bytes` (its rows are about its size): a
-                    // segment buffer then stays within the ceiling instead
-                    // of doubling past it for the last few rows.
-                    let mut encoded_before = lane.gathered.bytes();
-                    if lane.gathered.rows > 0
-                        && encoded_before + event.payload.len() > self.max_bytes
-                        && let Some(batch) = lane.cut()
-                    {
-                        self.send(batch).await;
-                        encoded_before = 0; // a fresh batch
-                    }
-                    lane.position = Some(event.offset + 1);
-                    let started = Instant::now();
-                    let message = lane.messages.len() as u32;
-                    self.decoder
-                        .decode(&event, message, now_micros(), &mut lane.gathered);
-                    lane.decode_time += started.elapsed();
-                    // The encoded rows are held until the commit too: they
-                    // count against the same in-flight ceiling, and are
-                    // released with the event bytes (through `lane.charged`
-                    // and then the batch's `charged_bytes`).
-                    let encoded_now = lane.gathered.bytes();
-                    let encoded = encoded_now.saturating_sub(encoded_before);
-                    self.in_flight.charge(encoded);
-                    lane.messages.push(event);
-                    lane.charged += charged + encoded;
-                    lane.oldest.get_or_insert(tokio::time::Instant::now());
-                    if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
-                        && let Some(batch) = lane.cut()
-                    {
-                        self.send(batch).await;
-                    }
+                }
+                // Cut before an event that would likely carry the batch
+                // past `max_bytes` (its rows are about its size): a
+                // segment buffer then stays within the ceiling instead
+                // of doubling past it for the last few rows.
+                let mut encoded_before = lane.gathered.bytes();
+                if lane.gathered.rows > 0
+                    && encoded_before + event.payload.len() > self.max_bytes
+                    && let Some(batch) = lane.cut()
+                {
+                    self.send(batch).await;
+                    encoded_before = 0; // a fresh batch
+                }
+                lane.position = Some(event.offset + 1);
+                let started = Instant::now();
+                let message = lane.messages.len() as u32;
+                self.decoder
+                    .decode(&event, message, now_micros(), &mut lane.gathered);
+                lane.decode_time += started.elapsed();
+                // The encoded rows are held until the commit too: they
+                // count against the same in-flight ceiling, and are
+                // released with the event bytes (through `lane.charged`
+                // and then the batch's `charged_bytes`).
+                let encoded_now = lane.gathered.bytes();
+                let encoded = encoded_now.saturating_sub(encoded_before);
+                self.in_flight.charge(encoded);
+                lane.messages.push(event);
+                lane.charged += charged + encoded;
+                lane.oldest.get_or_insert(tokio::time::Instant::now());
+                if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
+                    && let Some(batch) = lane.cut()
+                {
+                    self.send(batch).await;
                 }
             }
         }

@@ -29,6 +29,10 @@ pub(super) struct Lane {
     /// each commit): the lag reported is measured from it, i.e. from what is
     /// in PostgreSQL, not from what was merely read.
     pub stored: Option<i64>,
+    /// Messages between the partition's end and `stored` (its lag), as
+    /// last measured: what the lane will bring its writer. New lanes go to
+    /// the writer with the least of it.
+    pub backlog: u64,
 }
 
 /// Pause and resume decisions to apply to librdkafka.
@@ -54,8 +58,13 @@ pub(super) struct Lanes {
     over_budget: bool,
     /// Writers whose queue is full: their partitions are paused.
     blocked: Vec<bool>,
-    /// Partitions weir has paused (and must resume).
+    /// Partitions held back by backpressure: not read now. A lane with a
+    /// queue of its own is simply not read (librdkafka keeps its prefetch
+    /// and stops fetching when that queue is full); any other is paused in
+    /// librdkafka (and must be resumed).
     pub paused: HashSet<LaneKey>,
+    /// Lanes read through a queue of their own.
+    own_queue: HashSet<LaneKey>,
     /// Fenced lanes whose reload (read the stored offset, seek there) has
     /// failed, with when to try again. Until it succeeds the lane keeps its
     /// fenced epoch, whose batches the writer drops.
@@ -73,6 +82,7 @@ impl Lanes {
             over_budget: false,
             blocked: vec![false; writers],
             paused: HashSet::new(),
+            own_queue: HashSet::new(),
             reloads_due: Vec::new(),
         }
     }
@@ -80,6 +90,33 @@ impl Lanes {
     /// Whether every partition is paused for the in-flight budget.
     pub fn over_budget(&self) -> bool {
         self.over_budget
+    }
+
+    /// The lane of `key` is read through a queue of its own.
+    pub fn read_through_own_queue(&mut self, key: &LaneKey) {
+        if self.lanes.contains_key(key) {
+            self.own_queue.insert(key.clone());
+        }
+    }
+
+    /// Whether the lane of `key` is read through a queue of its own.
+    pub fn has_own_queue(&self, key: &LaneKey) -> bool {
+        self.own_queue.contains(key)
+    }
+
+    /// Lanes with a queue of their own that backpressure lets be read now,
+    /// with their writers.
+    pub fn readable(&self) -> Vec<(LaneKey, usize)> {
+        self.own_queue
+            .iter()
+            .filter(|key| !self.paused.contains(*key))
+            .filter_map(|key| Some((key.clone(), self.lanes.get(key)?.writer)))
+            .collect()
+    }
+
+    /// Whether `writer`'s queue was full at the last backpressure decision.
+    pub fn blocked(&self, writer: usize) -> bool {
+        self.blocked.get(writer).copied().unwrap_or(false)
     }
 
     /// Whether the lanes of `writer` should be paused now.
@@ -97,12 +134,34 @@ impl Lanes {
         interned
     }
 
+    /// The writer a new lane goes to: the one whose lanes hold the least
+    /// backlog, then the one with the fewest lanes. Partitions are rarely
+    /// even (webhook topics are keyed by tenant, and tenants are not), so
+    /// placing them by hash can leave one session idle while the other has
+    /// most of the rows; placing them by backlog splits a catch-up evenly.
+    pub fn least_loaded_writer(&self) -> usize {
+        let mut load = vec![(0u64, 0usize); self.held.len()];
+        for lane in self.lanes.values() {
+            load[lane.writer].0 += lane.backlog;
+            load[lane.writer].1 += 1;
+        }
+        (0..load.len())
+            .min_by_key(|writer| (load[*writer], *writer))
+            .unwrap_or(0)
+    }
+
     /// Starts (or restarts) the lane of `key` for `writer` at `stored`,
     /// under a new epoch, and announces it to the writer. Returns the epoch
     /// and whether the partition must be paused now. librdkafka keeps an
     /// application pause on a partition across unassign and assign, so the
     /// caller sets the pause state of every started lane explicitly.
-    pub fn start(&mut self, key: LaneKey, writer: usize, stored: Option<i64>) -> (u64, bool) {
+    pub fn start(
+        &mut self,
+        key: LaneKey,
+        writer: usize,
+        stored: Option<i64>,
+        backlog: u64,
+    ) -> (u64, bool) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         self.lanes.insert(
@@ -111,6 +170,7 @@ impl Lanes {
                 epoch,
                 writer,
                 stored,
+                backlog,
             },
         );
         let pause = self.should_pause(writer);
@@ -140,6 +200,7 @@ impl Lanes {
         };
         let released = drop_held(&mut self.held[lane.writer], key);
         self.paused.remove(key);
+        self.own_queue.remove(key);
         self.held[lane.writer].push_back(LaneEvent::Revoked {
             topic: key.0.clone(),
             partition: key.1,
@@ -158,13 +219,16 @@ impl Lanes {
         epoch: u64,
         stored: Option<i64>,
     ) -> Option<(u64, usize, bool)> {
-        let writer = match self.lanes.get(key) {
-            Some(lane) if lane.epoch == epoch => lane.writer,
+        // A restarted lane keeps its writer: batches of its old epoch may
+        // still be in that writer's queue, and the writer drops them by
+        // their epoch.
+        let (writer, backlog) = match self.lanes.get(key) {
+            Some(lane) if lane.epoch == epoch => (lane.writer, lane.backlog),
             _ => return None,
         };
         self.pending_commits.remove(key);
         let released = drop_held(&mut self.held[writer], key);
-        let (new_epoch, pause) = self.start(key.clone(), writer, stored);
+        let (new_epoch, pause) = self.start(key.clone(), writer, stored, backlog);
         Some((new_epoch, released, pause))
     }
 
@@ -306,10 +370,10 @@ mod tests {
     #[test]
     fn every_start_gets_a_new_larger_epoch_announced_first() {
         let mut lanes = Lanes::new(1);
-        let (first, _) = lanes.start(key(0), 0, Some(5));
-        let (other, _) = lanes.start(key(1), 0, None);
+        let (first, _) = lanes.start(key(0), 0, Some(5), 0);
+        let (other, _) = lanes.start(key(1), 0, None, 0);
         message(&mut lanes, 0, 5, 10);
-        let (again, _) = lanes.start(key(0), 0, Some(5));
+        let (again, _) = lanes.start(key(0), 0, Some(5), 0);
         assert!(first < other && other < again);
         assert_eq!(
             held(&lanes, 0),
@@ -325,8 +389,8 @@ mod tests {
     #[test]
     fn ending_a_lane_drops_its_held_messages_and_keeps_the_others_in_order() {
         let mut lanes = Lanes::new(1);
-        lanes.start(key(0), 0, Some(0));
-        lanes.start(key(1), 0, Some(0));
+        lanes.start(key(0), 0, Some(0), 0);
+        lanes.start(key(1), 0, Some(0), 0);
         lanes.held[0].clear();
         message(&mut lanes, 0, 0, 10);
         message(&mut lanes, 1, 0, 20);
@@ -343,10 +407,10 @@ mod tests {
     #[test]
     fn a_commit_counts_only_for_the_assignment_that_made_it() {
         let mut lanes = Lanes::new(1);
-        let (old, _) = lanes.start(key(0), 0, Some(0));
+        let (old, _) = lanes.start(key(0), 0, Some(0), 0);
         lanes.committed(key(0), old, 10);
         assert_eq!(lanes.lanes[&key(0)].stored, Some(10));
-        let (new, _) = lanes.start(key(0), 0, Some(10));
+        let (new, _) = lanes.start(key(0), 0, Some(10), 0);
         lanes.committed(key(0), old, 20);
         assert_eq!(lanes.lanes[&key(0)].stored, Some(10), "a stale commit");
         lanes.committed(key(0), new, 30);
@@ -356,7 +420,7 @@ mod tests {
     #[test]
     fn a_restart_after_fencing_drops_the_old_epoch_and_ignores_stale_requests() {
         let mut lanes = Lanes::new(2);
-        let (epoch, _) = lanes.start(key(0), 1, Some(0));
+        let (epoch, _) = lanes.start(key(0), 1, Some(0), 0);
         message(&mut lanes, 0, 0, 7);
         message(&mut lanes, 0, 1, 7);
         let (new, released, paused) = lanes.restart(&key(0), epoch, Some(0)).expect("restarted");
@@ -376,8 +440,8 @@ mod tests {
     #[test]
     fn over_the_budget_everything_pauses_until_half_of_it_is_free() {
         let mut lanes = Lanes::new(2);
-        lanes.start(key(0), 0, None);
-        lanes.start(key(1), 1, None);
+        lanes.start(key(0), 0, None, 0);
+        lanes.start(key(1), 1, None, 0);
         let none = [false, false];
         assert_eq!(lanes.backpressure(100, 100, &none), None, "at the budget");
         let change = lanes.backpressure(101, 100, &none).expect("pause");
@@ -392,16 +456,16 @@ mod tests {
     #[test]
     fn a_blocked_writer_pauses_only_its_own_partitions() {
         let mut lanes = Lanes::new(2);
-        lanes.start(key(0), 0, None);
-        lanes.start(key(1), 1, None);
-        lanes.start(key(2), 1, None);
+        lanes.start(key(0), 0, None, 0);
+        lanes.start(key(1), 1, None, 0);
+        lanes.start(key(2), 1, None, 0);
         let change = lanes.backpressure(0, 100, &[false, true]).expect("pause");
         let mut paused: Vec<i32> = change.pause.iter().map(|k| k.1).collect();
         paused.sort_unstable();
         assert_eq!(paused, [1, 2]);
         // A lane started for the blocked writer starts paused, another not.
-        assert!(lanes.start(key(3), 1, None).1);
-        assert!(!lanes.start(key(4), 0, None).1);
+        assert!(lanes.start(key(3), 1, None, 0).1);
+        assert!(!lanes.start(key(4), 0, None, 0).1);
         let change = lanes.backpressure(0, 100, &[false, false]).expect("resume");
         assert_eq!(change.resume.len(), 3);
     }
@@ -409,7 +473,7 @@ mod tests {
     #[test]
     fn a_partition_revoked_while_paused_is_not_left_paused() {
         let mut lanes = Lanes::new(1);
-        lanes.start(key(0), 0, None);
+        lanes.start(key(0), 0, None, 0);
         lanes.backpressure(101, 100, &[false]).expect("pause");
         assert!(lanes.paused.contains(&key(0)));
         lanes.end(&key(0));
@@ -417,17 +481,46 @@ mod tests {
         // Back after the pressure is gone: it starts unpaused, and the
         // caller resumes it explicitly.
         lanes.backpressure(0, 100, &[false]);
-        assert!(!lanes.start(key(0), 0, None).1);
+        assert!(!lanes.start(key(0), 0, None, 0).1);
     }
 
     #[test]
     fn shutdown_releases_every_held_message() {
         let mut lanes = Lanes::new(2);
-        lanes.start(key(0), 0, None);
-        lanes.start(key(1), 1, None);
+        lanes.start(key(0), 0, None, 0);
+        lanes.start(key(1), 1, None, 0);
         message(&mut lanes, 0, 0, 5);
         message(&mut lanes, 1, 0, 6);
         assert_eq!(lanes.drain_held(), 11);
         assert!(lanes.held.iter().all(VecDeque::is_empty));
+    }
+
+    #[test]
+    fn new_lanes_go_to_the_writer_with_the_least_backlog() {
+        let mut lanes = Lanes::new(2);
+        // Skewed partitions, placed heaviest first (as `assign` does).
+        for (partition, backlog) in [(3, 208), (1, 166), (2, 104), (0, 96)] {
+            let writer = lanes.least_loaded_writer();
+            lanes.start(key(partition), writer, None, backlog);
+        }
+        let load = |writer: usize| -> u64 {
+            lanes
+                .lanes
+                .values()
+                .filter(|lane| lane.writer == writer)
+                .map(|lane| lane.backlog)
+                .sum()
+        };
+        assert_eq!((load(0), load(1)), (304, 270));
+        // With no backlog anywhere, lanes are spread by count.
+        let mut idle = Lanes::new(3);
+        for partition in 0..6 {
+            let writer = idle.least_loaded_writer();
+            idle.start(key(partition), writer, None, 0);
+        }
+        for writer in 0..3 {
+            let count = idle.lanes.values().filter(|l| l.writer == writer).count();
+            assert_eq!(count, 2, "writer {writer}");
+        }
     }
 }

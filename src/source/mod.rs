@@ -13,19 +13,25 @@
 //!
 //! Memory is bounded: events taken from Kafka are charged to an in-flight
 //! budget until their batch commits. Over the budget every assigned
-//! partition is paused; when one writer's queue is full, only that writer's
-//! partitions are (a stuck writer does not stall the others). Polling
-//! continues meanwhile, to serve rebalances and heartbeats.
+//! partition is held back; when one writer's queue is full, only that
+//! writer's partitions are (a stuck writer does not stall the others). Each
+//! partition is read through a queue of its own, so holding it back means
+//! not reading it: librdkafka keeps its prefetch and stops fetching when
+//! that queue is full (`queued.max.messages.kbytes`, per partition). Pausing
+//! would drop the prefetch and refetch it on resume; under a backlog that
+//! left writers idle between pause and refetch. Polling the consumer's own
+//! queue continues meanwhile, to serve rebalances and heartbeats.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use metrics::{counter, gauge};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -41,7 +47,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::store::offsets::OffsetStore;
 
-use crate::lane::{InFlight, LaneEvent, Request, writer_for};
+use crate::lane::{InFlight, LaneEvent, Request};
 
 mod lanes;
 
@@ -55,14 +61,23 @@ pub struct WeirContext {
     /// Session used to read stored offsets; reconnected when lost.
     control: tokio::sync::Mutex<Option<Client>>,
     state: Mutex<Lanes>,
-    writers: usize,
     in_flight: Arc<InFlight>,
     health: Arc<Health>,
+    /// The consumer itself, to split partition queues off it in the
+    /// rebalance callback (weak: the consumer owns this context).
+    me: OnceLock<Weak<BaseConsumer<WeirContext>>>,
+    /// Each assigned partition's own queue. Lock order: `queues`, then
+    /// `state`.
+    queues: Mutex<HashMap<LaneKey, PartitionQueue<WeirContext>>>,
 }
 
 impl WeirContext {
     fn state(&self) -> std::sync::MutexGuard<'_, Lanes> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<LaneKey, PartitionQueue<WeirContext>>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads stored offsets of `partitions` of `topic`, retrying briefly.
@@ -131,10 +146,42 @@ impl WeirContext {
                 announced.push((topic.clone(), partition, offset));
             }
         }
+        // Each new partition gets a queue of its own, split off *before*
+        // the assignment starts fetching it. Invariant kept: a partition's
+        // messages reach weir through one queue only, so in offset order.
+        // (librdkafka forwards a partition's fetch queue to the consumer's
+        // queue when fetching starts, unless the application has set its
+        // forwarding, which splitting does.) With its own queue, a lane held
+        // back by backpressure is simply not read: librdkafka keeps what it
+        // prefetched and stops fetching once that queue is full, instead of
+        // dropping the prefetch on a pause and fetching it again on resume.
+        let mut split = Vec::new();
+        if let Some(me) = self.me.get().and_then(Weak::upgrade) {
+            let mut queues = self.queues();
+            for elem in tpl.elements() {
+                let key: LaneKey = (Arc::from(elem.topic()), elem.partition());
+                match me.split_partition_queue(elem.topic(), elem.partition()) {
+                    Some(queue) => {
+                        queues.insert(key.clone(), queue);
+                        split.push(key);
+                    }
+                    None => tracing::warn!(
+                        topic = elem.topic(),
+                        partition = elem.partition(),
+                        "cannot give a partition a queue of its own; it is read through the \
+                         consumer's queue and paused for backpressure"
+                    ),
+                }
+            }
+        }
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
             _ => consumer.assign(tpl),
         };
+        // Weighing the new lanes asks the brokers for their ends; a slow
+        // broker costs the rebalance at most this long (lanes not weighed
+        // by then count as empty).
+        let weigh_until = Instant::now() + Duration::from_secs(2);
         if let Err(err) = result {
             tracing::error!(error = %err, "assign failed");
             counter!(m::KAFKA_ERRORS, "kind" => "assign").increment(1);
@@ -146,20 +193,49 @@ impl WeirContext {
             RebalanceProtocol::Eager => "eager",
             RebalanceProtocol::None => "none",
         };
-        for (topic, partition, stored) in announced {
+        // Heaviest first, each to the writer with the least backlog then:
+        // a greedy split that keeps the sessions evenly fed.
+        let mut announced: Vec<_> = announced
+            .into_iter()
+            .map(|(topic, partition, stored)| {
+                let backlog = backlog_of(consumer, &topic, partition, stored, weigh_until);
+                (topic, partition, stored, backlog)
+            })
+            .collect();
+        announced.sort_by_key(|(topic, partition, _, backlog)| {
+            (std::cmp::Reverse(*backlog), topic.clone(), *partition)
+        });
+        for (topic, partition, stored, backlog) in announced {
             let topic = state.intern(&topic);
-            let writer = writer_for(&topic, partition, self.writers);
-            let (epoch, pause) = state.start((topic.clone(), partition), writer, stored);
+            // Invariant kept: a lane keeps its writer for the whole
+            // assignment (one writer commits a partition's batches, in
+            // order); only a new assignment places it afresh.
+            let writer = state.least_loaded_writer();
+            let key = (topic.clone(), partition);
+            let (epoch, pause) = state.start(key.clone(), writer, stored, backlog);
+            let own_queue = split.contains(&key);
+            if own_queue {
+                state.read_through_own_queue(&key);
+            }
+            gauge!(m::PARTITION_WRITER, "topic" => topic.to_string(), "partition" => partition.to_string())
+                .set(writer as f64);
             tracing::info!(
-                topic = %topic, partition, epoch, stored = ?stored, protocol, "partition assigned"
+                topic = %topic, partition, epoch, stored = ?stored, writer, backlog, protocol,
+                "partition assigned"
             );
             // librdkafka keeps an application pause on a partition's handle
             // across unassign and assign: a partition revoked while paused
             // comes back paused, and would never be fetched again if weir
             // had resumed meanwhile. So every assigned partition is set
             // explicitly to what backpressure wants now: paused, or resumed
-            // (resuming a partition that is not paused does nothing).
-            let list = if pause { &mut to_pause } else { &mut to_resume };
+            // (resuming a partition that is not paused does nothing). A lane
+            // with its own queue is never paused in librdkafka: backpressure
+            // just does not read it.
+            let list = if pause && !own_queue {
+                &mut to_pause
+            } else {
+                &mut to_resume
+            };
             let _ = list.add_partition(&topic, partition);
         }
         for (list, pause) in [(&to_pause, true), (&to_resume, false)] {
@@ -214,6 +290,8 @@ impl WeirContext {
                 // exporting a frozen value that dashboards and alerts add up.
                 gauge!(m::CONSUMER_LAG, "topic" => topic.to_string(), "partition" => elem.partition().to_string())
                     .set(0.0);
+                gauge!(m::PARTITION_WRITER, "topic" => topic.to_string(), "partition" => elem.partition().to_string())
+                    .set(-1.0);
                 tracing::info!(topic = %topic, partition = elem.partition(), lost, "partition revoked");
             }
             gauge!(m::PAUSED_PARTITIONS).set(state.paused.len() as f64);
@@ -224,6 +302,14 @@ impl WeirContext {
             // move on; PostgreSQL already has it.
             if let Err(err) = consumer.commit(&commits, CommitMode::Sync) {
                 tracing::debug!(error = %err, "commit on revoke failed");
+            }
+        }
+        {
+            // What a revoked partition's queue still holds is dropped: the
+            // next owner reads it again from the stored offset.
+            let mut queues = self.queues();
+            for elem in tpl.elements() {
+                queues.remove(&(Arc::from(elem.topic()), elem.partition()));
             }
         }
         // Leave no application pause behind on a partition that goes away
@@ -256,13 +342,16 @@ impl ClientContext for WeirContext {
             .values()
             .any(|broker| broker.nodeid >= 0 && broker.state == "UP");
         self.health.kafka_reachable(up);
-        let state = self.state();
+        let mut state = self.state();
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
                 if *partition < 0 || p.hi_offset < 0 {
                     continue;
                 }
-                let Some(lane) = state.lanes.get(&(Arc::from(topic.as_str()), *partition)) else {
+                let Some(lane) = state
+                    .lanes
+                    .get_mut(&(Arc::from(topic.as_str()), *partition))
+                else {
                     continue;
                 };
                 // Lag behind PostgreSQL: from the end of the partition to the
@@ -272,8 +361,10 @@ impl ClientContext for WeirContext {
                     .stored
                     .or((p.app_offset >= 0).then_some(p.app_offset))
                     .unwrap_or(0);
+                let lag = (p.hi_offset - done).max(0);
+                lane.backlog = lag as u64;
                 gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set((p.hi_offset - done).max(0) as f64);
+                    .set(lag as f64);
             }
         }
     }
@@ -357,12 +448,14 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         config: config.clone(),
         control: tokio::sync::Mutex::new(None),
         state: Mutex::new(Lanes::new(writers.len())),
-        writers: writers.len(),
         in_flight: in_flight.clone(),
         health: health.clone(),
+        me: OnceLock::new(),
+        queues: Mutex::new(HashMap::new()),
     };
     let consumer: Arc<BaseConsumer<WeirContext>> =
         Arc::new(client_config(&config).create_with_context(context)?);
+    let _ = consumer.context().me.set(Arc::downgrade(&consumer));
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, "consumer subscribed");
@@ -395,6 +488,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     // Which writers' queues are full, refreshed every iteration (reused: the
     // loop runs once per message).
     let mut blocked = vec![false; writers.len()];
+    let mut took = 0usize;
     while !shutdown.load(Ordering::Relaxed) {
         health.consumer_beat();
         serve_requests(&consumer, &requests, &mut requests_open);
@@ -402,10 +496,16 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         deliver_held(&consumer, &writers, &mut blocked);
         let any_blocked = blocked.iter().any(|b| *b);
         apply_backpressure(&consumer, in_flight.get(), max_in_flight, &blocked);
-        let timeout = if any_blocked {
+        // The consumer's own queue carries rebalances, errors and the
+        // messages of partitions without a queue of their own; waiting on
+        // it is also how this loop idles, briefly, since messages arrive on
+        // the partitions' queues.
+        let timeout = if took > 0 {
+            Duration::ZERO
+        } else if any_blocked {
             Duration::from_millis(5)
         } else {
-            Duration::from_millis(100)
+            IDLE_POLL
         };
         let polled = Instant::now();
         match consumer.poll(timeout) {
@@ -414,32 +514,10 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
                 poll_time.record(polled.elapsed().as_secs_f64());
                 take(&consumer, &message, &writers, &in_flight);
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(err))
-                if err.rdkafka_error_code()
-                    == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
-            {
-                // Only with `auto_offset_reset = "error"`: the log no longer
-                // holds a partition's position and librdkafka stopped
-                // fetching it. Nothing is skipped; an operator decides.
-                counter!(m::KAFKA_ERRORS, "kind" => "offset_out_of_range").increment(1);
-                tracing::error!(
-                    error = %err,
-                    "a partition's position is out of range (topic recreated, log truncated or \
-                     records deleted by retention) and kafka.auto_offset_reset = \"error\": it \
-                     is not read until an operator moves its stored offset or sets another policy"
-                );
-                health.partition_stopped(Some(format!(
-                    "a partition's position is out of range and kafka.auto_offset_reset = \"error\" \
-                     stopped it ({err})"
-                )));
-            }
-            Some(Err(err)) => {
-                counter!(m::KAFKA_ERRORS, "kind" => "consume").increment(1);
-                tracing::warn!(error = %err, "kafka consume error");
-            }
+            Some(Err(err)) => consume_error(&health, err),
             None => {}
         }
+        took = read_lanes(&consumer, &writers, &in_flight, &health, &poll_time);
     }
 
     // Shutdown: hand nothing more to the writers. Closing their queues tells
@@ -466,6 +544,8 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     committer_stop.store(true, Ordering::Relaxed);
     let _ = committer.join();
     commit_pending(&consumer);
+    // The partition queues hold the consumer: drop them first.
+    consumer.context().queues().clear();
     consumer.unsubscribe();
     tracing::info!("consumer stopped");
     Ok(())
@@ -550,9 +630,14 @@ fn reload(consumer: &BaseConsumer<WeirContext>, topic: Arc<str>, partition: i32,
         retry(format!("seek to {offset} failed: {err}"));
         return;
     }
-    let Some((new_epoch, released, pause)) = ctx.state().restart(&key, epoch, stored) else {
-        // Revoked meanwhile.
-        return;
+    let (new_epoch, released, pause) = {
+        let mut state = ctx.state();
+        let Some((new_epoch, released, pause)) = state.restart(&key, epoch, stored) else {
+            // Revoked meanwhile.
+            return;
+        };
+        // A lane with its own queue is held back by not being read.
+        (new_epoch, released, pause && !state.has_own_queue(&key))
     };
     ctx.in_flight.release(released);
     // The pause state backpressure wants for the restarted lane (resuming
@@ -584,6 +669,109 @@ fn injected_seek_failure(topic: &str) -> Option<KafkaError> {
     None
 }
 
+/// How long the consumer waits on its own queue when no partition queue had
+/// anything: the most a message waits in an idle consumer before it is read.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+
+/// Most messages read from one partition queue in one round, so one busy
+/// partition does not keep the others (and the consumer's queue) waiting.
+const LANE_ROUND: usize = 512;
+
+/// An error from librdkafka's consumer or a partition queue.
+fn consume_error(health: &Health, err: KafkaError) {
+    match err {
+        KafkaError::PartitionEOF(_) => {}
+        err if err.rdkafka_error_code()
+            == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
+        {
+            // Only with `auto_offset_reset = "error"`: the log no longer
+            // holds a partition's position and librdkafka stopped fetching
+            // it. Nothing is skipped; an operator decides.
+            counter!(m::KAFKA_ERRORS, "kind" => "offset_out_of_range").increment(1);
+            tracing::error!(
+                error = %err,
+                "a partition's position is out of range (topic recreated, log truncated or \
+                 records deleted by retention) and kafka.auto_offset_reset = \"error\": it \
+                 is not read until an operator moves its stored offset or sets another policy"
+            );
+            health.partition_stopped(Some(format!(
+                "a partition's position is out of range and kafka.auto_offset_reset = \"error\" \
+                 stopped it ({err})"
+            )));
+        }
+        err => {
+            counter!(m::KAFKA_ERRORS, "kind" => "consume").increment(1);
+            tracing::warn!(error = %err, "kafka consume error");
+        }
+    }
+}
+
+/// Reads the partition queues backpressure lets be read, up to
+/// [`LANE_ROUND`] messages each, stopping at a writer whose queue fills.
+/// Returns the messages taken.
+fn read_lanes(
+    consumer: &BaseConsumer<WeirContext>,
+    writers: &[Sender<LaneEvent>],
+    in_flight: &InFlight,
+    health: &Health,
+    poll_time: &metrics::Histogram,
+) -> usize {
+    let ctx = consumer.context();
+    let readable = ctx.state().readable();
+    if readable.is_empty() {
+        return 0;
+    }
+    let queues = ctx.queues();
+    let mut took = 0;
+    for (key, writer) in readable {
+        let Some(queue) = queues.get(&key) else {
+            continue;
+        };
+        for _ in 0..LANE_ROUND {
+            // A writer whose queue is full takes no more this round: what
+            // it did not take stays in librdkafka, not in weir.
+            if !ctx.state().held[writer].is_empty() {
+                break;
+            }
+            let polled = Instant::now();
+            match queue.poll(Duration::ZERO) {
+                Some(Ok(message)) => {
+                    // Time to get a message from librdkafka.
+                    poll_time.record(polled.elapsed().as_secs_f64());
+                    take(consumer, &message, writers, in_flight);
+                    took += 1;
+                }
+                Some(Err(err)) => consume_error(health, err),
+                None => break,
+            }
+        }
+    }
+    took
+}
+
+/// Messages a newly assigned partition holds past `stored` (past its
+/// log's start when nothing is stored): its weight when placing it on a
+/// writer. 0 when the broker does not answer before `until`.
+fn backlog_of(
+    consumer: &BaseConsumer<WeirContext>,
+    topic: &str,
+    partition: i32,
+    stored: Option<i64>,
+    until: Instant,
+) -> u64 {
+    let left = until.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return 0;
+    }
+    match consumer.fetch_watermarks(topic, partition, left.min(Duration::from_millis(500))) {
+        Ok((low, high)) => (high - stored.unwrap_or(low).max(low)).max(0) as u64,
+        Err(err) => {
+            tracing::debug!(topic, partition, error = %err, "cannot weigh a new partition");
+            0
+        }
+    }
+}
+
 /// Pauses and resumes partitions as backpressure decides (see
 /// [`Lanes::backpressure`]).
 fn apply_backpressure(
@@ -597,25 +785,29 @@ fn apply_backpressure(
     let Some(change) = state.backpressure(in_flight, max_in_flight, blocked) else {
         return;
     };
+    // Lanes with a queue of their own are held back by not being read
+    // (`read_lanes` skips them); only the others are paused in librdkafka.
     let (mut to_pause, mut to_resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-    for (topic, partition) in &change.pause {
-        let _ = to_pause.add_partition(topic, *partition);
+    for key in change.pause.iter().filter(|key| !state.has_own_queue(key)) {
+        let _ = to_pause.add_partition(&key.0, key.1);
     }
-    for (topic, partition) in &change.resume {
-        let _ = to_resume.add_partition(topic, *partition);
+    for key in change.resume.iter().filter(|key| !state.has_own_queue(key)) {
+        let _ = to_resume.add_partition(&key.0, key.1);
     }
     let over = state.over_budget();
-    if to_pause.count() > 0 {
+    if !change.pause.is_empty() {
         counter!(m::BACKPRESSURE_PAUSES).increment(1);
         tracing::debug!(
-            partitions = to_pause.count(),
+            partitions = change.pause.len(),
             in_flight_bytes = in_flight,
             over_budget = over,
             "partitions paused for backpressure"
         );
-        if let Err(err) = consumer.pause(&to_pause) {
-            tracing::warn!(error = %err, "cannot pause partitions");
-        }
+    }
+    if to_pause.count() > 0
+        && let Err(err) = consumer.pause(&to_pause)
+    {
+        tracing::warn!(error = %err, "cannot pause partitions");
     }
     if to_resume.count() > 0
         && let Err(err) = consumer.resume(&to_resume)
@@ -672,7 +864,11 @@ fn commit_pending(consumer: &BaseConsumer<WeirContext>) {
 }
 
 /// Hands held events to their writers in order. Sets, per writer, whether
-/// its queue is full (the rest of its events stays held).
+/// its queue is full (the rest of its events stays held). A writer found
+/// full stays blocked until its queue is half empty again: pausing and
+/// resuming a partition costs librdkafka its prefetch, and resuming as soon
+/// as one slot frees would pause again at once (a pause storm that leaves
+/// the writer waiting for the refetch).
 fn deliver_held(
     consumer: &BaseConsumer<WeirContext>,
     writers: &[Sender<LaneEvent>],
@@ -680,7 +876,10 @@ fn deliver_held(
 ) {
     let ctx = consumer.context();
     let mut state = ctx.state();
-    blocked.fill(false);
+    for (writer, sender) in writers.iter().enumerate() {
+        blocked[writer] =
+            state.blocked(writer) && sender.capacity() < sender.max_capacity().div_ceil(2);
+    }
     for (writer, queue) in state.held.iter_mut().enumerate() {
         while let Some(event) = queue.pop_front() {
             match writers[writer].try_send(event) {
