@@ -58,6 +58,14 @@ pub struct BenchArgs {
     /// Most records per Kafka batch when preloading (librdkafka's `batch.num.messages`).
     #[arg(long, default_value_t = 10_000)]
     pub batch_messages: u32,
+    /// Stop after the drains (no latency phase, nothing appended to the
+    /// results): for trying a change quickly.
+    #[arg(long)]
+    pub drain_only: bool,
+    /// Record a CPU profile of weir during each drain with `perf record`
+    /// (call graphs from DWARF), into `<work-dir>/perf-drain-<writers>.data`.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 const SEED: u64 = 4242;
@@ -159,7 +167,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -196,6 +204,9 @@ struct SessionLoad {
     busy: f64,
     /// Its CPU time over the wall time it was sampled.
     cpu: f64,
+    /// What it waited on while working (`wait_event_type:wait_event`),
+    /// most frequent first, as fractions of all its samples.
+    waits: Vec<(String, f64)>,
 }
 
 /// Samples of weir's writer backends in `pg_stat_activity` over a drain.
@@ -204,13 +215,16 @@ struct SessionSampler {
     /// Per application_name: backend pid, samples working, samples in all,
     /// CPU seconds when first seen and when first seen.
     seen: HashMap<String, (u32, u64, u64, f64, Instant)>,
+    /// Per application_name, samples working but waiting, by wait event.
+    waits: HashMap<String, HashMap<String, u64>>,
 }
 
 impl SessionSampler {
     async fn sample(&mut self, client: &Client, pattern: &str) -> anyhow::Result<()> {
         let rows = client
             .query(
-                "SELECT application_name, pid, state = 'active' AND wait_event IS DISTINCT FROM 'ClientRead'
+                "SELECT application_name, pid, state = 'active' AND wait_event IS DISTINCT FROM 'ClientRead',
+                        wait_event_type || ':' || wait_event
                    FROM pg_stat_activity WHERE application_name LIKE $1",
                 &[&pattern],
             )
@@ -219,13 +233,22 @@ impl SessionSampler {
             let name: String = row.get(0);
             let pid = row.get::<_, i32>(1) as u32;
             let working: bool = row.get::<_, Option<bool>>(2).unwrap_or(false);
+            if working && let Some(wait) = row.get::<_, Option<String>>(3) {
+                *self
+                    .waits
+                    .entry(name.clone())
+                    .or_default()
+                    .entry(wait)
+                    .or_default() += 1;
+            }
             let entry = self
                 .seen
-                .entry(name)
+                .entry(name.clone())
                 .or_insert_with(|| (pid, 0, 0, cpu_seconds(pid), Instant::now()));
             if entry.0 != pid {
                 // A new session (the writer reconnected): start over.
                 *entry = (pid, 0, 0, cpu_seconds(pid), Instant::now());
+                self.waits.remove(&name);
             }
             entry.1 += working as u64;
             entry.2 += 1;
@@ -239,6 +262,18 @@ impl SessionSampler {
             .iter()
             .map(
                 |(name, (pid, working, total, cpu_before, since))| SessionLoad {
+                    waits: {
+                        let mut waits: Vec<(String, f64)> = self
+                            .waits
+                            .get(name)
+                            .into_iter()
+                            .flatten()
+                            .map(|(wait, n)| (wait.clone(), *n as f64 / (*total).max(1) as f64))
+                            .collect();
+                        waits.sort_by(|a, b| b.1.total_cmp(&a.1));
+                        waits.truncate(3);
+                        waits
+                    },
                     name: name.clone(),
                     busy: *working as f64 / (*total).max(1) as f64,
                     cpu: (cpu_seconds(*pid) - cpu_before) / since.elapsed().as_secs_f64().max(1e-9),
@@ -295,12 +330,14 @@ impl Measure {
     }
 }
 
-struct Bench {
+pub(crate) struct Bench {
     url: String,
     brokers: String,
     schema: String,
     prefix: String,
     config_text: String,
+    /// The same, keeping the shipped `dedupe_key` of wa_events.
+    dedupe_config_text: String,
     config: weir::config::Config,
     args: BenchArgs,
 }
@@ -318,13 +355,15 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let prefix = format!("bench{id}");
     std::fs::create_dir_all(&args.work_dir)?;
     set_mode(&args.work_dir, 0o755)?;
-    let (config_text, config) = bench_config(&url, brokers, &schema, &prefix)?;
+    let (config_text, config) = bench_config(&url, brokers, &schema, &prefix, false)?;
+    let (dedupe_config_text, _) = bench_config(&url, brokers, &schema, &prefix, true)?;
     let bench = Bench {
         url: url.clone(),
         brokers: brokers.to_string(),
         schema,
         prefix,
         config_text,
+        dedupe_config_text,
         config,
         args: args.clone(),
     };
@@ -414,7 +453,7 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     );
     let mut drained = Vec::new();
     for writers in [1usize, 2] {
-        let measure = bench.drain(&client, writers, events, items).await?;
+        let measure = bench.drain(&client, writers, events, items, false).await?;
         println!(
             "weir, {writers} writer(s): {:.0} rows/s ({:.2} of the limit), weir {:.1} us CPU/row, PostgreSQL {:.1} us CPU/row, peak RSS {:.0} MiB",
             measure.rate(),
@@ -425,6 +464,23 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
         );
         println!("  {}", where_the_time_goes(&measure));
         drained.push(measure);
+    }
+    // The same drains through the dedupe path.
+    let mut deduped = Vec::new();
+    for writers in [1usize, 2] {
+        let measure = bench.drain(&client, writers, events, items, true).await?;
+        println!(
+            "weir, {writers} writer(s), dedupe path: {:.0} rows/s ({:.2} of the plain path), weir {:.1} us CPU/row, PostgreSQL {:.1} us CPU/row",
+            measure.rate(),
+            measure.rate() / drained[writers - 1].rate(),
+            Measure::per_row_us(measure.weir_cpu, measure.rows),
+            Measure::per_row_us(measure.postgres_cpu, measure.rows),
+        );
+        deduped.push(measure);
+    }
+
+    if args.drain_only {
+        return bench.clean_up(&client).await;
     }
 
     // 3. Latency at half of the best rate.
@@ -451,6 +507,7 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
             preload: &preload_cost,
             ceiling: &ceiling,
             drained: &drained,
+            deduped: &deduped,
             latency: &latency,
         },
     )?;
@@ -459,13 +516,15 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     bench.clean_up(&client).await
 }
 
-/// The shipped config reduced to wa_events on the direct COPY path, pointed
-/// at the bench schema and topics.
+/// The shipped config reduced to wa_events, pointed at the bench schema and
+/// topics: on the direct COPY path, or with `dedupe` on the shipped dedupe
+/// path (staged COPY, then `INSERT ... ON CONFLICT DO NOTHING`).
 fn bench_config(
     url: &str,
     brokers: &str,
     schema: &str,
     prefix: &str,
+    dedupe: bool,
 ) -> anyhow::Result<(String, weir::config::Config)> {
     let shipped =
         std::fs::read_to_string("config/weir.toml").context("run from the repository root")?;
@@ -474,7 +533,9 @@ fn bench_config(
     tables.retain(|t| t["name"].as_str() == Some("wa_events"));
     for entry in tables.iter_mut() {
         let entry = entry.as_table_mut().context("table")?;
-        entry.remove("dedupe_key");
+        if !dedupe {
+            entry.remove("dedupe_key");
+        }
         for source in entry["sources"].as_array_mut().context("sources")? {
             let topics: Vec<toml::Value> = source["topics"]
                 .as_array()
@@ -704,9 +765,20 @@ impl Bench {
         http: u16,
         name: &str,
     ) -> anyhow::Result<Child> {
+        self.spawn_weir_with(&self.config_text, writers, group, http, name)
+    }
+
+    fn spawn_weir_with(
+        &self,
+        config_text: &str,
+        writers: usize,
+        group: &str,
+        http: u16,
+        name: &str,
+    ) -> anyhow::Result<Child> {
         let dir = &self.args.work_dir;
         let config = dir.join(format!("{name}.toml"));
-        std::fs::write(&config, &self.config_text)?;
+        std::fs::write(&config, config_text)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         Command::new(&self.args.weir)
             .args(["run", "--config"])
@@ -723,7 +795,32 @@ impl Bench {
             .with_context(|| format!("start {}", self.args.weir.display()))
     }
 
-    async fn wait_ready(http: u16) -> anyhow::Result<()> {
+    /// `perf record` attached to `pid`, sampling at 999 Hz with DWARF call
+    /// graphs (release builds carry line tables), until [`stop_profile`].
+    fn start_profile(&self, pid: u32, name: &str) -> anyhow::Result<Child> {
+        let out = self.args.work_dir.join(name);
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "999",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+            ])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start perf record (apt-get install linux-perf)")?;
+        println!("profiling weir (pid {pid}) into {}", out.display());
+        Ok(child)
+    }
+
+    pub(crate) async fn wait_ready(http: u16) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
             if crate::report::fetch(&format!("http://127.0.0.1:{http}/readyz"))
@@ -759,11 +856,19 @@ impl Bench {
         writers: usize,
         events: u64,
         items: u64,
+        dedupe: bool,
     ) -> anyhow::Result<Measure> {
         self.reset(client).await?;
-        let group = format!("{}-drain-{writers}", self.prefix);
+        let path = if dedupe { "dedupe" } else { "drain" };
+        let group = format!("{}-{path}-{writers}", self.prefix);
         let http = free_port()?;
-        let mut child = self.spawn_weir(writers, &group, http, &format!("drain-{writers}"))?;
+        let text = if dedupe {
+            &self.dedupe_config_text
+        } else {
+            &self.config_text
+        };
+        let mut child =
+            self.spawn_weir_with(text, writers, &group, http, &format!("{path}-{writers}"))?;
         let pid = child.id();
         let brokers = pids_named("tansu");
         Self::wait_ready(http).await?;
@@ -776,6 +881,11 @@ impl Bench {
             brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
             postgres_cpu(),
         );
+        let profiler = if self.args.profile {
+            Some(self.start_profile(pid, &format!("perf-{path}-{writers}.data"))?)
+        } else {
+            None
+        };
         let started = Instant::now();
         let mut sampler = SessionSampler::default();
         let writer_sessions = format!("{}-writer-%", self.config.postgres.application_name);
@@ -799,6 +909,9 @@ impl Bench {
             brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
             sampler.loads(),
         );
+        if let Some(profiler) = profiler {
+            stop_profile(profiler)?;
+        }
         let metrics = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         let measure = Measure {
             rows: items - already,
@@ -831,6 +944,7 @@ impl Bench {
             config_text: self
                 .config_text
                 .replace(&format!("{}.", self.prefix), &format!("{prefix}.")),
+            dedupe_config_text: String::new(),
             url: self.url.clone(),
             brokers: self.brokers.clone(),
             schema: self.schema.clone(),
@@ -939,7 +1053,16 @@ struct Latency {
     row_p99: f64,
 }
 
-fn terminate(child: &mut Child) -> anyhow::Result<()> {
+/// Stops `perf record` (SIGINT makes it write its data) and waits for it.
+fn stop_profile(mut profiler: Child) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-INT", &profiler.id().to_string()])
+        .status()?;
+    profiler.wait()?;
+    Ok(())
+}
+
+pub(crate) fn terminate(child: &mut Child) -> anyhow::Result<()> {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
@@ -954,7 +1077,7 @@ fn terminate(child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -1050,6 +1173,7 @@ struct Phases<'a> {
     preload: &'a Preload,
     ceiling: &'a Measure,
     drained: &'a [Measure],
+    deduped: &'a [Measure],
     latency: &'a Latency,
 }
 
@@ -1065,6 +1189,7 @@ fn results_section(
         preload,
         ceiling,
         drained,
+        deduped,
         latency,
     } = *phases;
     let mut s = String::new();
@@ -1074,7 +1199,8 @@ fn results_section(
         "Command: `weir-loadtest bench --items {} --partitions {} --latency-secs {} --batch-messages {}` on the local stack \
          (`deploy/local/stack.sh`: PostgreSQL 15, tansu in-memory broker; preloaded with up to {} records per lz4-compressed Kafka batch).\n\
          Machine: {}. Workload: {events} WhatsApp webhook bodies, {items} `wa_events` rows \
-         (shipped schema: 3 btree indexes and a partial one, jsonb payload), direct COPY path (no dedupe key), {} Kafka partitions.\n",
+         (shipped schema: 3 btree indexes, a partial one and a unique one, jsonb payload), direct COPY path (no dedupe key) \
+         unless the row says otherwise, {} Kafka partitions.\n",
         bench.args.items,
         bench.args.partitions,
         bench.args.latency_secs,
@@ -1103,6 +1229,21 @@ fn results_section(
             writers + 1,
             m.rate(),
             m.rate() / limit[writers].rate(),
+            Measure::per_row_us(m.weir_cpu, m.rows),
+            Measure::per_row_us(m.postgres_cpu, m.rows),
+            m.weir_cpu / m.postgres_cpu.max(1e-9),
+            Measure::per_row_us(m.broker_cpu, m.rows),
+            m.peak_rss_mib
+        );
+    }
+    for (writers, m) in deduped.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| weir, {} writer(s), dedupe path (staged COPY, then INSERT ... ON CONFLICT DO NOTHING) | {:.0} | {:.2} ({:.2} of the plain path) | {:.1} us | {:.1} us | {:.2} | {:.1} us | {:.0} MiB |",
+            writers + 1,
+            m.rate(),
+            m.rate() / limit[writers].rate(),
+            m.rate() / drained[writers].rate(),
             Measure::per_row_us(m.weir_cpu, m.rows),
             Measure::per_row_us(m.postgres_cpu, m.rows),
             m.weir_cpu / m.postgres_cpu.max(1e-9),
@@ -1153,10 +1294,16 @@ fn results_section(
         .map(|m| m.weir_cpu / m.postgres_cpu.max(1e-9))
         .fold(f64::MAX, f64::min);
     let rss = drained.iter().map(|m| m.peak_rss_mib).fold(0.0, f64::max);
+    let dedupe = deduped
+        .iter()
+        .zip(drained)
+        .map(|(d, p)| d.rate() / p.rate())
+        .fold(f64::MAX, f64::min);
     let _ = writeln!(
         s,
         "Targets: 1 writer >= 0.9 of the 1-session limit: {:.2} ({}); 2 writers >= 0.85 of the 2-session limit: {:.2} ({}); \
-         weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}).",
+         weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}); \
+         dedupe path >= 0.6 of plain COPY: {:.2} ({}).",
         best(0),
         verdict(best(0) >= 0.9),
         best(1),
@@ -1166,7 +1313,9 @@ fn results_section(
         rss,
         verdict(rss < 150.0),
         latency.metric_p99 * 1000.0,
-        verdict(latency.metric_p99 <= 0.25)
+        verdict(latency.metric_p99 <= 0.25),
+        dedupe,
+        verdict(dedupe >= 0.6)
     );
     Ok(s)
 }
@@ -1178,10 +1327,20 @@ fn where_the_time_goes(m: &Measure) -> String {
         .sessions
         .iter()
         .map(|l| {
+            let waits: Vec<String> = l
+                .waits
+                .iter()
+                .map(|(wait, share)| format!("{wait} {:.0}%", share * 100.0))
+                .collect();
             format!(
-                "PostgreSQL backend {} busy {:.0}% of samples, CPU {:.0}%",
+                "PostgreSQL backend {} busy {:.0}% of samples (waiting on {}), CPU {:.0}%",
                 l.name,
                 l.busy * 100.0,
+                if waits.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    waits.join(", ")
+                },
                 l.cpu * 100.0
             )
         })
@@ -1209,7 +1368,7 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "missed" }
 }
 
-fn append_results(path: &Path, section: &str) -> anyhow::Result<()> {
+pub(crate) fn append_results(path: &Path, section: &str) -> anyhow::Result<()> {
     let mut text =
         std::fs::read_to_string(path).unwrap_or_else(|_| "# weir benchmark results\n".into());
     text.push_str(section);

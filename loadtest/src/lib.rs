@@ -7,11 +7,13 @@
 //! weir-loadtest verify              # every event exactly once where it belongs; exit 1 if not
 //! weir-loadtest report              # throughput and latency, report.md + report.svg
 //! weir-loadtest bench               # weir against PostgreSQL's own COPY limit -> loadtest/RESULTS.md
+//! weir-loadtest reads               # read latency on 10M+ rows while weir ingests -> loadtest/RESULTS.md
 //! ```
 
 pub mod bench;
 pub mod manifest;
 pub mod produce;
+pub mod reads;
 pub mod report;
 pub mod verify;
 pub mod webhooks;

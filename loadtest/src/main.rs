@@ -5,12 +5,13 @@
 //! weir-loadtest verify              # every event exactly once where it belongs; exit 1 if not
 //! weir-loadtest report              # throughput and latency, report.md + report.svg
 //! weir-loadtest bench               # weir against PostgreSQL's own COPY limit -> loadtest/RESULTS.md
+//! weir-loadtest reads               # read latency on 10M+ rows while weir ingests -> loadtest/RESULTS.md
 //! ```
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use weir_loadtest::{bench, connect, database_url, produce, report, verify};
+use weir_loadtest::{bench, connect, database_url, produce, reads, report, verify};
 
 // The same allocator as the weir binary, so in-process measurements match.
 #[global_allocator]
@@ -45,6 +46,8 @@ enum Command {
     Report(report::ReportArgs),
     /// Measure weir against PostgreSQL's own binary COPY of the same rows.
     Bench(bench::BenchArgs),
+    /// Read latency of the seeds' dashboard queries on 10M+ rows while weir ingests.
+    Reads(reads::ReadsArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             runtime().and_then(|rt| rt.block_on(bench::bench(&cli.brokers, &args)).map(|_| true))
         }
+        Command::Reads(args) => runtime().and_then(|rt| {
+            let done = rt.block_on(reads::reads(&cli.brokers, &args));
+            done.map(|_| true)
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
