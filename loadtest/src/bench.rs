@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// results): for trying a change quickly.
     #[arg(long)]
     pub drain_only: bool,
+    /// Live traffic rate of the latency phase, in webhook bodies per second
+    /// (default: half of weir's best drain rate).
+    #[arg(long)]
+    pub latency_rate: Option<f64>,
     /// Record a CPU profile of weir during each drain with `perf record`
     /// (call graphs from DWARF), into `<work-dir>/perf-drain-<writers>.data`.
     #[arg(long)]
@@ -486,7 +490,8 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     // 3. Latency at half of the best rate.
     let best = drained.iter().map(Measure::rate).fold(0.0, f64::max);
     let rows_per_event = items as f64 / events as f64;
-    let latency = bench.latency(&client, best / 2.0 / rows_per_event).await?;
+    let rate = args.latency_rate.unwrap_or(best / 2.0 / rows_per_event);
+    let latency = bench.latency(&client, rate).await?;
     println!(
         "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows)",
         latency.offered_events,
@@ -526,40 +531,7 @@ fn bench_config(
     prefix: &str,
     dedupe: bool,
 ) -> anyhow::Result<(String, weir::config::Config)> {
-    let shipped =
-        std::fs::read_to_string("config/weir.toml").context("run from the repository root")?;
-    let mut table: toml::Table = toml::from_str(&shipped)?;
-    let tables = table["tables"].as_array_mut().context("tables")?;
-    tables.retain(|t| t["name"].as_str() == Some("wa_events"));
-    for entry in tables.iter_mut() {
-        let entry = entry.as_table_mut().context("table")?;
-        if !dedupe {
-            entry.remove("dedupe_key");
-        }
-        for source in entry["sources"].as_array_mut().context("sources")? {
-            let topics: Vec<toml::Value> = source["topics"]
-                .as_array()
-                .context("topics")?
-                .iter()
-                .map(|t| {
-                    toml::Value::String(format!("{prefix}.{}", t.as_str().unwrap_or_default()))
-                })
-                .collect();
-            source["topics"] = toml::Value::Array(topics);
-        }
-    }
-    table["postgres"]
-        .as_table_mut()
-        .context("postgres")?
-        .insert("schema".into(), schema.into());
-    let kafka = table["kafka"].as_table_mut().context("kafka")?;
-    kafka.insert("brokers".into(), brokers.into());
-    let text = toml::to_string(&table)?;
-    let mut env = weir::config::process_env();
-    env.retain(|(k, _)| k.starts_with("WEIR_KAFKA__PROPERTIES__"));
-    env.push(("WEIR_DATABASE_URL".into(), url.into()));
-    let config = weir::config::Config::from_toml(&text, &env)?;
-    Ok((text, config))
+    crate::reads::config_for(url, brokers, schema, prefix, &["wa_events"], !dedupe)
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
@@ -997,6 +969,8 @@ impl Bench {
         }
         let scrape = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         terminate(&mut child)?;
+        // Kept for reading the stages' histograms after the run.
+        std::fs::write(self.args.work_dir.join("latency-metrics.txt"), &scrape)?;
         let metric = crate::report::metric_percentiles(&scrape)
             .remove("wa_events")
             .unwrap_or_default();

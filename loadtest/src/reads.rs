@@ -758,7 +758,7 @@ impl Drop for Running {
 
 /// The shipped configuration for this run: `tables` of it, pointed at the
 /// run's schema and topics (without dedupe keys when `direct`).
-fn config_for(
+pub(crate) fn config_for(
     url: &str,
     brokers: &str,
     schema: &str,
