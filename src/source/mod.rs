@@ -155,7 +155,7 @@ impl WeirContext {
         // back by backpressure is simply not read: librdkafka keeps what it
         // prefetched and stops fetching once that queue is full, instead of
         // dropping the prefetch on a pause and fetching it again on resume.
-        let mut split = Vec::new();
+        let mut split = std::collections::HashSet::new();
         if let Some(me) = self.me.get().and_then(Weak::upgrade) {
             let mut queues = self.queues();
             for elem in tpl.elements() {
@@ -163,7 +163,7 @@ impl WeirContext {
                 match me.split_partition_queue(elem.topic(), elem.partition()) {
                     Some(queue) => {
                         queues.insert(key.clone(), queue);
-                        split.push(key);
+                        split.insert(key);
                     }
                     None => tracing::warn!(
                         topic = elem.topic(),
@@ -723,14 +723,16 @@ fn read_lanes(
     }
     let queues = ctx.queues();
     let mut took = 0;
+    let mut full = vec![false; writers.len()];
     for (key, writer) in readable {
         let Some(queue) = queues.get(&key) else {
             continue;
         };
+        // A writer whose queue is full takes no more this round: what it
+        // did not take stays in librdkafka, not in weir.
+        full[writer] = full[writer] || !ctx.state().held[writer].is_empty();
         for _ in 0..LANE_ROUND {
-            // A writer whose queue is full takes no more this round: what
-            // it did not take stays in librdkafka, not in weir.
-            if !ctx.state().held[writer].is_empty() {
+            if full[writer] {
                 break;
             }
             let polled = Instant::now();
@@ -738,7 +740,7 @@ fn read_lanes(
                 Some(Ok(message)) => {
                     // Time to get a message from librdkafka.
                     poll_time.record(polled.elapsed().as_secs_f64());
-                    take(consumer, &message, writers, in_flight);
+                    full[writer] = take(consumer, &message, writers, in_flight);
                     took += 1;
                 }
                 Some(Err(err)) => consume_error(health, err),
@@ -900,20 +902,21 @@ fn deliver_held(
 }
 
 /// Takes one message in: charge it, stamp it with its lane's epoch, hand it
-/// to the lane's writer (or hold it, preserving order).
+/// to the lane's writer (or hold it, preserving order). Returns whether the
+/// message had to be held (its writer's queue is full).
 fn take(
     consumer: &BaseConsumer<WeirContext>,
     message: &BorrowedMessage<'_>,
     writers: &[Sender<LaneEvent>],
     in_flight: &InFlight,
-) {
+) -> bool {
     let ctx = consumer.context();
     let mut state = ctx.state();
     let topic = state.intern(message.topic());
     let partition = message.partition();
     let Some(lane) = state.lanes.get(&(topic.clone(), partition)) else {
         // Not (or no longer) ours; it will be read by its owner.
-        return;
+        return false;
     };
     let (epoch, writer) = (lane.epoch, lane.writer);
     let event = Event {
@@ -943,12 +946,13 @@ fn take(
     // Behind what is already held for this writer, to keep each lane's order.
     if !state.held[writer].is_empty() {
         state.held[writer].push_back(lane_event);
-        return;
+        return true;
     }
     match writers[writer].try_send(lane_event) {
-        Ok(()) => {}
+        Ok(()) => false,
         Err(TrySendError::Full(lane_event)) | Err(TrySendError::Closed(lane_event)) => {
             state.held[writer].push_back(lane_event);
+            true
         }
     }
 }
