@@ -11,6 +11,10 @@
 #                                  the same for PostgreSQL alone (tests use this
 #                                  for a private cluster: set WEIR_STACK_DIR and
 #                                  WEIR_STACK_PG_PORT)
+#   deploy/local/stack.sh postgres-restart fast|immediate
+#                                  pg_ctl restart in that shutdown mode (the
+#                                  chaos runner's fault; immediate is a crash:
+#                                  the server recovers from its WAL)
 #
 # `eval "$(deploy/local/stack.sh up)"` leaves the settings in the shell.
 #
@@ -27,12 +31,17 @@
 #   WEIR_STACK_DIR        data, logs and pid files (default /tmp/weir-stack)
 #   WEIR_STACK_PG_PORT    PostgreSQL port (default 55432)
 #   WEIR_STACK_KAFKA_PORT tansu port (default 19092)
+#   WEIR_STACK_KAFKA_ADVERTISED
+#                         host:port tansu tells clients to connect to (default
+#                         127.0.0.1:$WEIR_STACK_KAFKA_PORT; the chaos runner
+#                         points it at its fault proxy)
 set -euo pipefail
 
 CACHE_DIR=${WEIR_CACHE_DIR:-$HOME/.cache/weir}
 STACK_DIR=${WEIR_STACK_DIR:-/tmp/weir-stack}
 PG_PORT=${WEIR_STACK_PG_PORT:-55432}
 KAFKA_PORT=${WEIR_STACK_KAFKA_PORT:-19092}
+KAFKA_ADVERTISED=${WEIR_STACK_KAFKA_ADVERTISED:-127.0.0.1:$KAFKA_PORT}
 TANSU_VERSION=0.6.0
 TANSU_PATCH="$(cd "$(dirname "$0")" && pwd)/tansu-storage-$TANSU_VERSION.patch"
 [ -f "$TANSU_PATCH" ] || { echo "stack: error: $TANSU_PATCH is missing" >&2; exit 1; }
@@ -232,7 +241,7 @@ start_tansu() {
   # setsid + nohup: the broker outlives the shell (or test) that started it.
   setsid nohup "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://$KAFKA_ADVERTISED" \
     --storage-engine "memory://tansu/" \
     >"$STACK_DIR/tansu.log" 2>&1 </dev/null &
   echo $! >"$STACK_DIR/tansu.pid"
@@ -249,7 +258,7 @@ start_tansu() {
 print_env() {
   cat <<EOF
 export WEIR_DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB'
-export WEIR_KAFKA__BROKERS='127.0.0.1:$KAFKA_PORT'
+export WEIR_KAFKA__BROKERS='$KAFKA_ADVERTISED'
 export WEIR_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS='10'
 export WEIR_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS='6000'
 EOF
@@ -301,6 +310,16 @@ postgres-stop)
     log "PostgreSQL stopped"
   fi
   ;;
+postgres-restart)
+  case "${2:-}" in
+  fast | immediate) ;;
+  *) die "usage: $0 postgres-restart fast|immediate" ;;
+  esac
+  pg_running || die "PostgreSQL is not running in $PG_DATA"
+  as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -l "$STACK_DIR/pg.log" -m "$2" -w -t 60 restart >/dev/null ||
+    die "PostgreSQL did not restart; see $STACK_DIR/pg.log"
+  log "PostgreSQL restarted ($2)"
+  ;;
 postgres-destroy)
   if pg_bindir >/dev/null && pg_running; then
     as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null
@@ -308,7 +327,7 @@ postgres-destroy)
   rm -rf "$STACK_DIR"
   ;;
 *)
-  echo "usage: $0 up|env|status|down|destroy|postgres-up|postgres-stop|postgres-destroy" >&2
+  echo "usage: $0 up|env|status|down|destroy|postgres-up|postgres-stop|postgres-restart|postgres-destroy" >&2
   exit 2
   ;;
 esac

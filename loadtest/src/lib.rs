@@ -8,11 +8,14 @@
 //! weir-loadtest report              # throughput and latency, report.md + report.svg
 //! weir-loadtest bench               # weir against PostgreSQL's own COPY limit -> loadtest/RESULTS.md
 //! weir-loadtest reads               # read latency on 10M+ rows while weir ingests -> loadtest/RESULTS.md
+//! weir-loadtest chaos               # faults injected while weir ingests; every item counted
 //! ```
 
 pub mod bench;
+pub mod chaos;
 pub mod manifest;
 pub mod produce;
+pub mod proxy;
 pub mod reads;
 pub mod report;
 pub mod verify;

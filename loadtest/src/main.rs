@@ -6,12 +6,13 @@
 //! weir-loadtest report              # throughput and latency, report.md + report.svg
 //! weir-loadtest bench               # weir against PostgreSQL's own COPY limit -> loadtest/RESULTS.md
 //! weir-loadtest reads               # read latency on 10M+ rows while weir ingests -> loadtest/RESULTS.md
+//! weir-loadtest chaos               # faults injected while weir ingests; every item counted
 //! ```
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use weir_loadtest::{bench, connect, database_url, produce, reads, report, verify};
+use weir_loadtest::{bench, chaos, connect, database_url, produce, reads, report, verify};
 
 // The same allocator as the weir binary, so in-process measurements match.
 #[global_allocator]
@@ -48,6 +49,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Read latency of the seeds' dashboard queries on 10M+ rows while weir ingests.
     Reads(reads::ReadsArgs),
+    /// Inject faults (kill -9, database restarts, broker outages, zombies...)
+    /// while weir ingests, then account for every item exactly.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             let done = rt.block_on(reads::reads(&cli.brokers, &args));
             done.map(|_| true)
         }),
+        Command::Chaos(args) => runtime().and_then(|rt| rt.block_on(chaos::chaos(&args))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

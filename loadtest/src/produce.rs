@@ -1,5 +1,6 @@
 //! `produce`: send generated traffic to Kafka and record what went where.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,9 +11,11 @@ use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::manifest::{Delivery, DeliveryLog, Manifest};
 use crate::webhooks::{CHAT_TOPIC, Generator, Shape, WEBHOOK_TOPIC};
@@ -128,6 +131,10 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
         .set("batch.num.messages", args.batch_messages.to_string())
         .set("compression.type", "lz4")
         .set("acks", "all")
+        // Idempotent, as a gateway should be: a retry after a lost
+        // connection (the chaos runner cuts them) never appends a record
+        // twice, so every record in the log is one the manifest knows.
+        .set("enable.idempotence", "true")
         .set("message.max.bytes", "16000000")
         .set("queue.buffering.max.kbytes", "262144")
         .create_with_context(DeliveryContext(deliveries.clone()))
@@ -143,6 +150,7 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
         chat_share: args.chat_share,
         ..Shape::default()
     };
+    let starts = log_ends(brokers, &topics)?;
     let mut generator = Generator::new(shape.clone());
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -213,11 +221,23 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
     if failed > 0 {
         bail!("{failed} events were not delivered");
     }
+    let mut slots = deliveries.slots.lock().unwrap_or_else(|p| p.into_inner());
+    slots.truncate(sent as usize);
+    let mut delivered = Vec::with_capacity(slots.len());
+    for (index, slot) in slots.iter().enumerate() {
+        delivered.push(slot.with_context(|| format!("no delivery report for event {index}"))?);
+    }
+    let unknown = offsets_unknown(&delivered);
+    if !unknown.is_empty() {
+        let found = find_in_log(brokers, &topics, &starts, &shape, &mut delivered, &unknown)?;
+        println!(
+            "{} deliveries were acknowledged without their offsets (a retry the broker had already appended); found them in the log",
+            found
+        );
+    }
     let mut log = DeliveryLog::create(&args.out)?;
-    let slots = deliveries.slots.lock().unwrap_or_else(|p| p.into_inner());
-    for (index, slot) in slots.iter().take(sent as usize).enumerate() {
-        let delivery = slot.with_context(|| format!("no delivery report for event {index}"))?;
-        log.record(delivery)?;
+    for delivery in &delivered {
+        log.record(*delivery)?;
     }
     log.finish()?;
     let manifest = Manifest {
@@ -252,6 +272,135 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
     Ok(manifest)
 }
 
+/// The end of every partition of `topics` before the run: where its
+/// records start.
+fn log_ends(brokers: &str, topics: &[String; 2]) -> anyhow::Result<HashMap<(u8, i32), i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("kafka client")?;
+    let mut ends = HashMap::new();
+    for (index, topic) in topics.iter().enumerate() {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .with_context(|| format!("metadata of {topic}"))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
+                .with_context(|| format!("end of {topic} [{}]", partition.id()))?;
+            ends.insert((index as u8, partition.id()), high);
+        }
+    }
+    Ok(ends)
+}
+
+/// Deliveries whose reported offsets are not real. An idempotent producer
+/// whose acknowledgement was lost retries the batch; the broker, which had
+/// appended it, answers DUPLICATE_SEQUENCE_NUMBER, and librdkafka reports
+/// the batch delivered with an invalid base offset: its messages get -1,
+/// 0, 1, ... Within a partition an idempotent producer's offsets rise in
+/// send order, and a real batch after such a batch starts at least two
+/// above the last made-up offset, so the made-up run is exactly: a -1,
+/// then each offset one above the one before.
+fn offsets_unknown(delivered: &[Delivery]) -> Vec<usize> {
+    let mut made_up: HashMap<(u8, i32), i64> = HashMap::new();
+    let mut unknown = Vec::new();
+    for (index, d) in delivered.iter().enumerate() {
+        let key = (d.topic, d.partition);
+        let continues = made_up.get(&key).is_some_and(|last| d.offset == last + 1);
+        if d.offset < 0 || continues {
+            made_up.insert(key, d.offset);
+            unknown.push(index);
+        } else {
+            made_up.remove(&key);
+        }
+    }
+    unknown
+}
+
+/// Finds the real offsets of `unknown` deliveries by reading the run's part
+/// of their partitions and matching key and payload (the generator makes
+/// them again from the seed). Redelivered bodies are identical, so any
+/// free record with the same bytes is theirs. Fills in the offsets found;
+/// returns how many.
+fn find_in_log(
+    brokers: &str,
+    topics: &[String; 2],
+    starts: &HashMap<(u8, i32), i64>,
+    shape: &Shape,
+    delivered: &mut [Delivery],
+    unknown: &[usize],
+) -> anyhow::Result<usize> {
+    let unknown_set: std::collections::HashSet<usize> = unknown.iter().copied().collect();
+    let mut generator = Generator::new(shape.clone());
+    // (topic, partition) -> (key, payload) -> unknown deliveries, in order.
+    type ByBytes = HashMap<(Vec<u8>, Vec<u8>), Vec<usize>>;
+    let mut wanted: HashMap<(u8, i32), ByBytes> = HashMap::new();
+    let mut claimed: std::collections::HashSet<(u8, i32, i64)> = Default::default();
+    for (index, d) in delivered.iter().enumerate() {
+        let event = generator.next_event();
+        if unknown_set.contains(&index) {
+            wanted
+                .entry((d.topic, d.partition))
+                .or_default()
+                .entry((event.key.into_bytes(), event.payload))
+                .or_default()
+                .push(index);
+        } else {
+            claimed.insert((d.topic, d.partition, d.offset));
+        }
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "weir-loadtest-offsets")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .context("kafka consumer")?;
+    let mut found: HashMap<usize, i64> = HashMap::new();
+    for ((topic, partition), mut by_bytes) in wanted {
+        let name = &topics[topic as usize];
+        let start = starts.get(&(topic, partition)).copied().unwrap_or(0);
+        let (_, end) = consumer.fetch_watermarks(name, partition, Duration::from_secs(30))?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(name, partition, Offset::Offset(start))?;
+        consumer.assign(&assignment)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut next = start;
+        while next < end && Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(KafkaError::PartitionEOF(_)) => break,
+                Err(err) => bail!("reading {name} [{partition}]: {err}"),
+            };
+            next = message.offset() + 1;
+            if claimed.contains(&(topic, partition, message.offset())) {
+                continue;
+            }
+            let bytes = (
+                message.key().unwrap_or_default().to_vec(),
+                message.payload().unwrap_or_default().to_vec(),
+            );
+            if let Some(indices) = by_bytes.get_mut(&bytes)
+                && !indices.is_empty()
+            {
+                found.insert(indices.remove(0), message.offset());
+            }
+        }
+    }
+    let missing = unknown.len() - found.len();
+    if missing > 0 {
+        bail!("{missing} acknowledged deliveries were not found in the log");
+    }
+    for (index, offset) in &found {
+        delivered[*index].offset = *offset;
+    }
+    Ok(found.len())
+}
+
 /// Creates the topics that do not exist yet.
 pub fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -278,4 +427,41 @@ pub fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> anyho
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(topic: u8, partition: i32, offset: i64) -> Delivery {
+        Delivery {
+            topic,
+            partition,
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_batch_acknowledged_without_offsets_is_told_apart_from_real_ones() {
+        // Partition 2: offsets 95, 96, then a batch of 3 reported as -1, 0,
+        // 1 (its real offsets are 97..99), then the next real batch at 100.
+        // Partition 3, interleaved, is real throughout: 0, 1.
+        let delivered = [
+            at(0, 2, 95),
+            at(0, 3, 0),
+            at(0, 2, 96),
+            at(0, 2, -1),
+            at(0, 3, 1),
+            at(0, 2, 0),
+            at(0, 2, 1),
+            at(0, 2, 100),
+            at(1, 2, 0),
+        ];
+        assert_eq!(offsets_unknown(&delivered), vec![3, 5, 6]);
+        // A made-up batch at the very start of a partition: -1, 0, then the
+        // real next batch at 2 (its own offsets were 0 and 1).
+        let delivered = [at(0, 0, -1), at(0, 0, 0), at(0, 0, 2), at(0, 0, 3)];
+        assert_eq!(offsets_unknown(&delivered), vec![0, 1]);
+        assert!(offsets_unknown(&[at(0, 0, 0), at(0, 0, 1)]).is_empty());
+    }
 }

@@ -186,15 +186,73 @@ pub async fn wait_for(
 /// Verifies the run; prints a table and returns whether everything matched.
 pub async fn verify(client: &Client, args: &VerifyArgs) -> anyhow::Result<bool> {
     let run = Run::load(&args.run)?;
-    let caught_up = wait_for(
+    let outcome = check(
         client,
+        &run,
         &args.schema,
         &args.group,
-        &run,
         Duration::from_secs(args.wait_secs),
     )
     .await?;
-    let schema = format!("\"{}\"", args.schema.replace('"', "\"\""));
+    outcome.print(&run);
+    Ok(outcome.ok())
+}
+
+/// What `verify` found for one run.
+pub struct Outcome {
+    /// Whether weir's stored offsets reached the run's end in time.
+    pub caught_up: bool,
+    /// wa_events, messages, webhook_logs, then dead letters.
+    pub tallies: Vec<(&'static str, Tally)>,
+    /// Dead letters per class `table stage/code`: (expected, found).
+    pub classes: BTreeMap<String, (usize, usize)>,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        self.caught_up && self.tallies.iter().all(|(_, tally)| tally.ok())
+    }
+
+    /// Expected items (rows and dead letters) not found.
+    pub fn lost(&self) -> usize {
+        self.tallies.iter().map(|(_, t)| t.missing).sum()
+    }
+
+    /// Items found more than once.
+    pub fn duplicated(&self) -> usize {
+        self.tallies.iter().map(|(_, t)| t.duplicated).sum()
+    }
+
+    /// Items found that the run never asked for.
+    pub fn unexpected(&self) -> usize {
+        self.tallies.iter().map(|(_, t)| t.unexpected).sum()
+    }
+
+    /// Items expected: rows of every table plus dead letters.
+    pub fn expected(&self) -> usize {
+        self.tallies.iter().map(|(_, t)| t.expected).sum()
+    }
+
+    pub fn dead_letters(&self) -> usize {
+        self.tallies
+            .iter()
+            .filter(|(name, _)| *name == "dead letters")
+            .map(|(_, t)| t.found)
+            .sum()
+    }
+}
+
+/// Waits (up to `wait`) for weir to reach the run's end, then counts every
+/// item of the run where it belongs.
+pub async fn check(
+    client: &Client,
+    run: &Run,
+    schema: &str,
+    group: &str,
+    wait: Duration,
+) -> anyhow::Result<Outcome> {
+    let caught_up = wait_for(client, schema, group, run, wait).await?;
+    let schema = format!("\"{}\"", schema.replace('"', "\"\""));
     let topics = run.manifest.topics();
 
     let mut wa_expected = HashSet::new();
@@ -322,39 +380,7 @@ pub async fn verify(client: &Client, args: &VerifyArgs) -> anyhow::Result<bool> 
         }
     }
 
-    println!(
-        "run: seed {} | {} events ({} redeliveries, {} malformed) | topics {}",
-        run.manifest.shape.seed,
-        run.events.len(),
-        run.events.iter().filter(|(e, _)| e.duplicate).count(),
-        run.events
-            .iter()
-            .filter(|(e, _)| e.malformed.is_some())
-            .count(),
-        topics.join(", ")
-    );
-    println!(
-        "{:<14} {:>10} {:>10} {:>9} {:>11} {:>11}  RESULT",
-        "TABLE", "EXPECTED", "FOUND", "MISSING", "DUPLICATED", "UNEXPECTED"
-    );
-    let mut all_ok = caught_up;
-    for (name, tally) in tallies
-        .iter()
-        .chain(std::iter::once(&("dead letters", dead)))
-    {
-        let ok = tally.ok();
-        all_ok &= ok;
-        println!(
-            "{:<14} {:>10} {:>10} {:>9} {:>11} {:>11}  {}",
-            name,
-            tally.expected,
-            tally.found,
-            tally.missing,
-            tally.duplicated,
-            tally.unexpected,
-            if ok { "ok" } else { "MISMATCH" }
-        );
-    }
+    let [wa, messages, logs] = tallies;
     let mut classes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for letter in dead_expected.values().flatten() {
         classes.entry(letter.clone()).or_default().0 += 1;
@@ -362,22 +388,59 @@ pub async fn verify(client: &Client, args: &VerifyArgs) -> anyhow::Result<bool> 
     for letter in dead_found.values().flatten() {
         classes.entry(letter.clone()).or_default().1 += 1;
     }
-    if !classes.is_empty() {
-        println!("dead letters by class (expected / found):");
-        for (class, (expected, found)) in &classes {
+    Ok(Outcome {
+        caught_up,
+        tallies: vec![wa, messages, logs, ("dead letters", dead)],
+        classes,
+    })
+}
+
+impl Outcome {
+    /// The table `verify` prints.
+    pub fn print(&self, run: &Run) {
+        println!(
+            "run: seed {} | {} events ({} redeliveries, {} malformed) | topics {}",
+            run.manifest.shape.seed,
+            run.events.len(),
+            run.events.iter().filter(|(e, _)| e.duplicate).count(),
+            run.events
+                .iter()
+                .filter(|(e, _)| e.malformed.is_some())
+                .count(),
+            run.manifest.topics().join(", ")
+        );
+        println!(
+            "{:<14} {:>10} {:>10} {:>9} {:>11} {:>11}  RESULT",
+            "TABLE", "EXPECTED", "FOUND", "MISSING", "DUPLICATED", "UNEXPECTED"
+        );
+        for (name, tally) in &self.tallies {
             println!(
-                "  {class:<50} {expected:>7} / {found:<7}{}",
-                if expected == found { "" } else { "  MISMATCH" }
+                "{:<14} {:>10} {:>10} {:>9} {:>11} {:>11}  {}",
+                name,
+                tally.expected,
+                tally.found,
+                tally.missing,
+                tally.duplicated,
+                tally.unexpected,
+                if tally.ok() { "ok" } else { "MISMATCH" }
             );
         }
-    }
-    println!(
-        "{}",
-        if all_ok {
-            "verify: ok"
-        } else {
-            "verify: FAILED"
+        if !self.classes.is_empty() {
+            println!("dead letters by class (expected / found):");
+            for (class, (expected, found)) in &self.classes {
+                println!(
+                    "  {class:<50} {expected:>7} / {found:<7}{}",
+                    if expected == found { "" } else { "  MISMATCH" }
+                );
+            }
         }
-    );
-    Ok(all_ok)
+        println!(
+            "{}",
+            if self.ok() {
+                "verify: ok"
+            } else {
+                "verify: FAILED"
+            }
+        );
+    }
 }

@@ -741,3 +741,45 @@ pub fn scraped(metrics: &str, name: &str) -> f64 {
 pub fn scraped_matching(metrics: &str, name: &str, fragment: &str) -> f64 {
     weir_loadtest::report::metric_sum(metrics, name, fragment)
 }
+
+/// The `weir-loadtest` binary of this build. It belongs to the workspace's
+/// `weir-loadtest` crate, so cargo neither builds it for weir's tests nor
+/// hands them its path: tests/run.sh builds it first (`cargo build
+/// --workspace --bins`), into the target directory of this test's
+/// executable. A binary older than the load test's sources is refused
+/// rather than tested.
+pub fn loadtest_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = dir.join("weir-loadtest");
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)",
+                binary.display()
+            )
+        });
+    let root = project_root();
+    let mut dirs = vec![root.join("loadtest/src"), root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("source directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let modified = path.metadata().and_then(|m| m.modified()).expect("mtime");
+            assert!(
+                modified <= built,
+                "{} is older than {}: run `cargo build --workspace --bins` first",
+                binary.display(),
+                path.display()
+            );
+        }
+    }
+    binary
+}
