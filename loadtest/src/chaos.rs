@@ -206,6 +206,9 @@ impl Stack {
                 "WEIR_STACK_KAFKA_ADVERTISED",
                 self.broker.addr().to_string(),
             )
+            // The broker logs every request at info: its default level
+            // keeps a long run's log (and the disk) small.
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null());
         command
     }
