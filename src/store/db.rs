@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use openssl::x509::X509;
+use openssl::x509::store::X509StoreBuilder;
 use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
@@ -100,7 +103,22 @@ pub fn describe(err: &Error) -> String {
             }
             text
         }
-        None => err.to_string(),
+        // tokio-postgres' own text names only the kind ("error performing
+        // TLS handshake", "error connecting to server"); the why (OpenSSL's
+        // verify result, the OS error) is in the source chain.
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(cause) = source {
+                // OpenSSL's errors repeat their own text down the chain.
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text += &format!(": {cause_text}");
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -130,8 +148,30 @@ pub async fn connect(
     pg.keepalives_idle(Duration::from_secs(30));
     pg.keepalives_interval(Duration::from_secs(10));
     pg.keepalives_retries(3);
+    if config.tls_ca_file.is_some() {
+        // verify-full means TLS or nothing: without this, tokio-postgres'
+        // default (`prefer`) would fall back to plaintext when the server
+        // offers no TLS, and a URL's `sslmode=disable` would skip TLS
+        // altogether. See `tls_connector`.
+        pg.ssl_mode(SslMode::Require);
+    }
     let tls = tls_connector(config).map_err(ConnectError::Config)?;
-    let (client, connection) = pg.connect(tls).await.map_err(ConnectError::Db)?;
+    let (client, connection) = pg.connect(tls).await.map_err(|err| {
+        match &config.tls_ca_file {
+            // Say which setting refused the server: OpenSSL's text alone
+            // ("certificate verify failed", "server does not support TLS")
+            // does not tell an operator where to look. Matched on the text
+            // only to word the message; the error is not classified by it.
+            Some(ca) if err.as_db_error().is_none() && err.to_string().contains("TLS") => {
+                ConnectError::Tls {
+                    ca: ca.clone(),
+                    hosts: hosts(&pg),
+                    error: err,
+                }
+            }
+            _ => ConnectError::Db(err),
+        }
+    })?;
     let role_name = role.to_string();
     tokio::spawn(async move {
         if let Err(err) = connection.await {
@@ -152,21 +192,49 @@ pub async fn connect(
     Ok(client)
 }
 
+/// TLS for weir's sessions.
+///
+/// Invariant: with `postgres.tls_ca_file` set, every session is encrypted
+/// and verified as libpq's `sslmode=verify-full` would: the server's
+/// certificate must chain to that CA file alone (not to the system's trust
+/// store) and must name the host weir connected to (`host` of the URL, also
+/// when `hostaddr` is given). A server that offers no TLS is refused, never
+/// used in plaintext: [`connect`] raises the URL's `sslmode` to `require`.
 fn tls_connector(config: &PostgresConfig) -> Result<MakeTlsConnector, ConfigError> {
+    let field = "postgres.tls_ca_file";
     let mut builder = SslConnector::builder(SslMethod::tls())
-        .map_err(|err| ConfigError::new("postgres.tls_ca_file", err.to_string()))?;
+        .map_err(|err| ConfigError::new(field, err.to_string()))?;
     match &config.tls_ca_file {
         Some(path) => {
-            // verify-full: the server's certificate must chain to this CA and
-            // name the host.
-            builder.set_ca_file(path).map_err(|err| {
-                ConfigError::new("postgres.tls_ca_file", format!("{path}: {err}"))
+            let pem = std::fs::read(path)
+                .map_err(|err| ConfigError::new(field, format!("{path}: cannot read: {err}")))?;
+            let certificates = X509::stack_from_pem(&pem).map_err(|err| {
+                ConfigError::new(field, format!("{path}: not PEM certificates: {err}"))
             })?;
+            if certificates.is_empty() {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{path}: holds no PEM certificate"),
+                ));
+            }
+            // A store of this CA only: SslConnector's default store also
+            // trusts the system's CAs, which verify-full must not.
+            let mut store =
+                X509StoreBuilder::new().map_err(|err| ConfigError::new(field, err.to_string()))?;
+            for certificate in certificates {
+                store
+                    .add_cert(certificate)
+                    .map_err(|err| ConfigError::new(field, format!("{path}: {err}")))?;
+            }
+            builder.set_cert_store(store.build());
+            // Host name checking is on by default in postgres-openssl's
+            // connector (openssl's ConnectConfiguration::verify_hostname).
             builder.set_verify(SslVerifyMode::PEER);
         }
         None => {
-            // As libpq's sslmode=require: encrypted when the server offers
-            // it, certificate not verified.
+            // As libpq's sslmode=prefer (tokio-postgres' default) or require
+            // (when the URL says so): encrypted when the server offers it,
+            // certificate not verified.
             builder.set_verify(SslVerifyMode::NONE);
         }
     }
@@ -180,12 +248,39 @@ fn tls_connector(config: &PostgresConfig) -> Result<MakeTlsConnector, ConfigErro
     Ok(connector)
 }
 
+/// The host names of a connection config (what the server's certificate
+/// must name), for messages.
+fn hosts(pg: &tokio_postgres::Config) -> String {
+    pg.get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(transparent)]
     Config(ConfigError),
     #[error("cannot connect to PostgreSQL: {}", describe(.0))]
     Db(Error),
+    /// The TLS handshake required by `postgres.tls_ca_file` failed: the
+    /// server offers no TLS, or its certificate does not chain to the CA or
+    /// does not name the host.
+    #[error(
+        "cannot connect to PostgreSQL over verified TLS (postgres.tls_ca_file = {ca}; the \
+         server must offer TLS with a certificate signed by that CA for host {hosts}): {}",
+        describe(error)
+    )]
+    Tls {
+        ca: String,
+        hosts: String,
+        error: Error,
+    },
 }
 
 #[cfg(test)]

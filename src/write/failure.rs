@@ -47,7 +47,8 @@ impl Failure {
         }
     }
 
-    pub(crate) fn from_partition(err: PartitionError) -> Failure {
+    /// A failure to find or create the partition `[lo, hi)` of `table`.
+    pub(crate) fn from_partition(err: PartitionError, table: &str, lo: i64, hi: i64) -> Failure {
         match err {
             // No row of the batch is at fault when a partition cannot be
             // made: a data-class error here (23514 when a DEFAULT partition
@@ -61,13 +62,28 @@ impl Failure {
                     db::describe(&err)
                 ))
             }
-            PartitionError::Db(err) => Failure::from_db(&err),
+            // Say what weir was doing: PostgreSQL's text alone ("permission
+            // denied for schema s") does not tell which table needed what.
+            PartitionError::Db(err) => match Failure::from_db(&err) {
+                Failure::Schema(detail) => Failure::Schema(format!(
+                    "cannot create the partition of {table} for [{}, {}): {detail}",
+                    micros_text(lo),
+                    micros_text(hi)
+                )),
+                other => other,
+            },
             other => Failure::Transient {
                 cause: "partition",
                 detail: other.to_string(),
             },
         }
     }
+}
+
+fn micros_text(micros: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros)
+        .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| micros.to_string())
 }
 
 fn transient_cause(err: &tokio_postgres::Error) -> &'static str {

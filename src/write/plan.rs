@@ -62,7 +62,7 @@ pub(crate) async fn plan(
                     }
                     pending.extend(regrouped.into_iter().map(|((lo, hi), rows)| (lo, hi, rows)));
                 }
-                Err(err) => return Err(Failure::from_partition(err)),
+                Err(err) => return Err(Failure::from_partition(err, &table.qualified(), lo, hi)),
             }
         }
     }
@@ -81,5 +81,5 @@ pub(crate) async fn dead_letter_leaf(
         .ensure(client, lo, hi, lock_timeout)
         .await
         .map(|(leaf, _)| leaf)
-        .map_err(Failure::from_partition)
+        .map_err(|err| Failure::from_partition(err, &table.qualified(), lo, hi))
 }

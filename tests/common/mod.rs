@@ -783,3 +783,41 @@ pub fn loadtest_binary() -> PathBuf {
     }
     binary
 }
+
+/// Runs each statement (errors ignored) on the shared database from a
+/// thread and runtime of their own: for clean-ups in `Drop`, which may run
+/// inside a test's runtime or while it panics.
+pub fn clean_up_sql(statements: Vec<String>) {
+    let url = stack().database_url.clone();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let client = connect(&url).await;
+            for statement in statements {
+                let _ = client.batch_execute(&statement).await;
+            }
+        });
+    })
+    .join();
+}
+
+/// `deploy/local/stack.sh <command>` for a PostgreSQL of a test's own, in
+/// `dir` on `port` (so stopping it disturbs no other test); its stdout.
+pub fn private_postgres(dir: &Path, port: u16, command: &str) -> String {
+    let output = Command::new("bash")
+        .arg(project_root().join("deploy/local/stack.sh"))
+        .arg(command)
+        .env("WEIR_STACK_DIR", dir)
+        .env("WEIR_STACK_PG_PORT", port.to_string())
+        .output()
+        .expect("stack.sh");
+    assert!(
+        output.status.success(),
+        "stack.sh {command}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
