@@ -159,16 +159,24 @@ fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmHWM")
+}
+
+/// A size line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`...), in MiB; 0
+/// when the process is gone.
+pub(crate) fn proc_status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| {
+                    l.strip_prefix(field)
+                        .is_some_and(|rest| rest.starts_with(':'))
+                })
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 pub(crate) fn free_port() -> anyhow::Result<u16> {

@@ -34,11 +34,11 @@ use clap::Parser;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use tokio_postgres::Client;
 
-use crate::bench::{free_port, terminate};
-use crate::produce::{ProduceArgs, produce};
+use crate::bench::{free_port, proc_status_mib, terminate};
+use crate::produce::{ProduceArgs, log_ends, produce};
 use crate::proxy::{FaultProxy, Mode};
 use crate::report::metric_sum;
 use crate::verify::{Outcome, Run, check};
@@ -337,7 +337,7 @@ impl Fleet {
     async fn sample(&self) -> (f64, f64, f64) {
         let (mut rss, mut paused, mut pauses) = (0.0, 0.0, 0.0);
         for pod in &self.pods {
-            rss += rss_mib(pod.child.id());
+            rss += proc_status_mib(pod.child.id(), "VmRSS");
             let metrics = scrape(pod.http).await;
             paused += metric_sum(&metrics, "weir_paused_partitions", "");
             pauses += metric_sum(&metrics, "weir_backpressure_pauses_total", "");
@@ -360,20 +360,6 @@ impl Drop for Fleet {
             let _ = pod.child.wait();
         }
     }
-}
-
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 async fn scrape(http: u16) -> String {
@@ -760,29 +746,12 @@ impl Chaos<'_> {
         }
     }
 
-    /// The broker's log end of every partition of the topics.
+    /// The broker's log end of every partition of the topics (right after
+    /// an outage the broker may need a moment to answer).
     async fn log_ends(&self) -> anyhow::Result<HashMap<(String, i32), i64>> {
-        let mut ends = HashMap::new();
-        for topic in &self.topics {
-            for partition in 0..self.args.partitions {
-                let mut tries = 0;
-                let high = loop {
-                    let asked = tokio::task::block_in_place(|| {
-                        self.watermarks
-                            .fetch_watermarks(topic, partition, Duration::from_secs(5))
-                    });
-                    match asked {
-                        Ok((_, high)) => break high,
-                        Err(err) if tries >= 24 => {
-                            bail!("log end of {topic} [{partition}]: {err}")
-                        }
-                        Err(_) => tries += 1,
-                    }
-                };
-                ends.insert((topic.clone(), partition), high);
-            }
-        }
-        Ok(ends)
+        tokio::task::block_in_place(|| {
+            log_ends(&self.watermarks, &self.topics, Duration::from_secs(120))
+        })
     }
 
     /// Waits until weir's committed offsets reach `target`; the time since

@@ -150,7 +150,14 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
         chat_share: args.chat_share,
         ..Shape::default()
     };
-    let starts = log_ends(brokers, &topics)?;
+    // Where the run's records start in each partition.
+    let starts = {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .context("kafka client")?;
+        log_ends(&consumer, &topics, Duration::from_secs(30))?
+    };
     let mut generator = Generator::new(shape.clone());
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -272,26 +279,43 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
     Ok(manifest)
 }
 
-/// The end of every partition of `topics` before the run: where its
-/// records start.
-fn log_ends(brokers: &str, topics: &[String; 2]) -> anyhow::Result<HashMap<(u8, i32), i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("kafka client")?;
+/// The log end of every partition of `topics`, asking again for up to
+/// `patience` while the broker does not answer.
+pub fn log_ends(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    patience: Duration,
+) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    let until = Instant::now() + patience;
     let mut ends = HashMap::new();
-    for (index, topic) in topics.iter().enumerate() {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .with_context(|| format!("metadata of {topic}"))?;
+    for topic in topics {
+        let metadata = patiently(until, || {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+        })
+        .with_context(|| format!("metadata of {topic}"))?;
         for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
-                .with_context(|| format!("end of {topic} [{}]", partition.id()))?;
-            ends.insert((index as u8, partition.id()), high);
+            let id = partition.id();
+            let (_, high) = patiently(until, || {
+                consumer.fetch_watermarks(topic, id, Duration::from_secs(5))
+            })
+            .with_context(|| format!("end of {topic} [{id}]"))?;
+            ends.insert((topic.clone(), id), high);
         }
     }
     Ok(ends)
+}
+
+/// `call` until it answers, or its last error once `until` has passed.
+fn patiently<T>(
+    until: Instant,
+    mut call: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    loop {
+        match call() {
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(500)),
+            answer => return answer,
+        }
+    }
 }
 
 /// Deliveries whose reported offsets are not real. An idempotent producer
@@ -326,7 +350,7 @@ fn offsets_unknown(delivered: &[Delivery]) -> Vec<usize> {
 fn find_in_log(
     brokers: &str,
     topics: &[String; 2],
-    starts: &HashMap<(u8, i32), i64>,
+    starts: &HashMap<(String, i32), i64>,
     shape: &Shape,
     delivered: &mut [Delivery],
     unknown: &[usize],
@@ -360,7 +384,7 @@ fn find_in_log(
     let mut found: HashMap<usize, i64> = HashMap::new();
     for ((topic, partition), mut by_bytes) in wanted {
         let name = &topics[topic as usize];
-        let start = starts.get(&(topic, partition)).copied().unwrap_or(0);
+        let start = starts.get(&(name.clone(), partition)).copied().unwrap_or(0);
         let (_, end) = consumer.fetch_watermarks(name, partition, Duration::from_secs(30))?;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(name, partition, Offset::Offset(start))?;
