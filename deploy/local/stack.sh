@@ -18,12 +18,13 @@
 #
 # `eval "$(deploy/local/stack.sh up)"` leaves the settings in the shell.
 #
-# tansu is built from crates.io with weir's patch to its storage crate
-# (tansu-storage-0.6.0.patch beside this script: 0.6.0 answered a fetch that
+# tansu is built from crates.io with weir's patches to two of its crates,
+# beside this script: tansu-storage-0.6.0.patch (0.6.0 answered a fetch that
 # starts inside a record batch with the next batch, losing records, and held
-# every fetch for its full max wait). The cached build is keyed by the patch's
-# hash, so a changed patch rebuilds; a patch that no longer applies stops the
-# script with an error.
+# every fetch for its full max wait) and tansu-broker-0.6.0.patch (its group
+# coordinator could leave a killed consumer's partitions owned by nobody for
+# minutes). The cached build is keyed by both patches' hash, so a changed patch
+# rebuilds; a patch that no longer applies stops the script with an error.
 # Log lines go to stderr, settings to stdout.
 #
 # Knobs (environment):
@@ -43,9 +44,16 @@ PG_PORT=${WEIR_STACK_PG_PORT:-55432}
 KAFKA_PORT=${WEIR_STACK_KAFKA_PORT:-19092}
 KAFKA_ADVERTISED=${WEIR_STACK_KAFKA_ADVERTISED:-127.0.0.1:$KAFKA_PORT}
 TANSU_VERSION=0.6.0
-TANSU_PATCH="$(cd "$(dirname "$0")" && pwd)/tansu-storage-$TANSU_VERSION.patch"
-[ -f "$TANSU_PATCH" ] || { echo "stack: error: $TANSU_PATCH is missing" >&2; exit 1; }
-TANSU_PATCH_HASH=$(sha256sum "$TANSU_PATCH" | cut -c1-12)
+# The tansu crates weir patches; each has tansu-<crate>-$TANSU_VERSION.patch here.
+TANSU_PATCHED_CRATES="tansu-storage tansu-broker"
+TANSU_PATCH_DIR="$(cd "$(dirname "$0")" && pwd)"
+for crate in $TANSU_PATCHED_CRATES; do
+  [ -f "$TANSU_PATCH_DIR/$crate-$TANSU_VERSION.patch" ] ||
+    { echo "stack: error: $TANSU_PATCH_DIR/$crate-$TANSU_VERSION.patch is missing" >&2; exit 1; }
+done
+TANSU_PATCH_HASH=$(for crate in $TANSU_PATCHED_CRATES; do
+  cat "$TANSU_PATCH_DIR/$crate-$TANSU_VERSION.patch"
+done | sha256sum | cut -c1-12)
 TANSU_ROOT="$CACHE_DIR/tansu-$TANSU_VERSION-$TANSU_PATCH_HASH"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 PG_DATA="$STACK_DIR/pg"
@@ -106,32 +114,33 @@ ensure_postgres_installed() {
   pg_bindir >/dev/null || die "postgresql installed but initdb still not found"
 }
 
-# Puts tansu-storage's source, from the cargo registry, with weir's patch
-# applied, in $1. cargo itself downloads the crate (through whatever registry
-# or mirror cargo is configured for): a scratch package that depends on
-# exactly that version, and `cargo metadata` to find where cargo unpacked it.
-patched_tansu_storage() {
-  local dest=$1 scratch="$CACHE_DIR/tansu-storage-source" manifest src
+# Puts the source of tansu crate $1, from the cargo registry, with weir's patch
+# for it applied, in $2. cargo itself downloads the crate (through whatever
+# registry or mirror cargo is configured for): a scratch package that depends
+# on exactly that version, and `cargo metadata` to find where cargo unpacked it.
+patched_tansu_crate() {
+  local crate=$1 dest=$2 scratch="$CACHE_DIR/tansu-source" manifest src
+  local patch="$TANSU_PATCH_DIR/$crate-$TANSU_VERSION.patch"
   mkdir -p "$scratch/src"
   : >"$scratch/src/lib.rs"
-  printf '%s\n' '[package]' 'name = "weir-tansu-storage-source"' 'version = "0.0.0"' \
+  printf '%s\n' '[package]' 'name = "weir-tansu-source"' 'version = "0.0.0"' \
     'edition = "2021"' 'publish = false' '' '[dependencies]' \
-    "tansu-storage = { version = \"=$TANSU_VERSION\", default-features = false }" \
+    "$crate = { version = \"=$TANSU_VERSION\", default-features = false }" \
     >"$scratch/Cargo.toml"
   manifest=$(cargo metadata --manifest-path "$scratch/Cargo.toml" --format-version 1 \
     --filter-platform "$(rustc -vV | sed -n 's/^host: //p')" |
-    grep -o '"manifest_path":"[^"]*/tansu-storage-'"$TANSU_VERSION"'/Cargo.toml"' |
+    grep -o '"manifest_path":"[^"]*/'"$crate-$TANSU_VERSION"'/Cargo.toml"' |
     head -1 | sed 's/^"manifest_path":"//; s/"$//') ||
-    die "could not fetch tansu-storage $TANSU_VERSION from the cargo registry"
+    die "could not fetch $crate $TANSU_VERSION from the cargo registry"
   src=$(dirname "$manifest")
-  [ -f "$src/src/dynostore.rs" ] || die "tansu-storage $TANSU_VERSION source not found (looked in '$src')"
+  [ -f "$src/Cargo.toml" ] || die "$crate $TANSU_VERSION source not found (looked in '$src')"
   rm -rf "$dest"
   cp -R "$src" "$dest"
   # GIT_CEILING_DIRECTORIES: patch these files even when a parent directory is a git work tree.
-  if ! (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply --check "$TANSU_PATCH" >&2); then
-    die "$TANSU_PATCH no longer applies to tansu-storage $TANSU_VERSION: update the patch for this version (see its header)"
+  if ! (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply --check "$patch" >&2); then
+    die "$patch no longer applies to $crate $TANSU_VERSION: update the patch for this version (see its header)"
   fi
-  (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply "$TANSU_PATCH")
+  (cd "$dest" && GIT_CEILING_DIRECTORIES="$(dirname "$dest")" git apply "$patch")
 }
 
 ensure_tansu_installed() {
@@ -140,16 +149,19 @@ ensure_tansu_installed() {
   fi
   command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
   command -v git >/dev/null 2>&1 || die "git is needed to apply weir's patch to tansu"
-  log "installing tansu $TANSU_VERSION with weir's patch into $TANSU_ROOT (cached; about 10 minutes on 2 cores, once)"
+  log "installing tansu $TANSU_VERSION with weir's patches into $TANSU_ROOT (cached; about 10 minutes on 2 cores, once)"
   mkdir -p "$TANSU_ROOT"
-  local storage_src="$TANSU_ROOT/tansu-storage-$TANSU_VERSION"
-  patched_tansu_storage "$storage_src"
+  local crate patches=()
+  for crate in $TANSU_PATCHED_CRATES; do
+    patched_tansu_crate "$crate" "$TANSU_ROOT/$crate-$TANSU_VERSION"
+    patches+=(--config "patch.crates-io.$crate.path=\"$TANSU_ROOT/$crate-$TANSU_VERSION\"")
+  done
   # dynostore: without it tansu's in-memory storage engine refuses to start.
   # --locked keeps every other crate at the version tansu 0.6.0 was released with.
   # A build directory kept in the cache: a changed patch recompiles only
-  # tansu-storage and what depends on it.
+  # the patched crate and what depends on it.
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-    --config "patch.crates-io.tansu-storage.path=\"$storage_src\"" \
+    "${patches[@]}" \
     --target-dir "$CACHE_DIR/tansu-build" \
     --root "$TANSU_ROOT" >&2
   [ -x "$TANSU_BIN" ] || die "cargo install tansu finished but $TANSU_BIN is missing"
