@@ -8,7 +8,8 @@
 //!
 //! The batcher (one per writer) takes its lanes' events in offset order,
 //! decodes each into rows and dead letters, and cuts a lane's batch by rows,
-//! bytes or linger; the writer writes it while the next one is gathered.
+//! bytes or, once the linger has passed, when the writer can take it; the
+//! writer writes it while the next one is gathered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -173,19 +174,36 @@ impl Batcher {
                 .min()
                 .map(|oldest| oldest + self.linger);
             let received = match deadline {
-                Some(deadline) => tokio::select! {
+                // A lane is due. It is cut when its writer can take a batch
+                // (one waits while one is written), not before: while the
+                // writer is busy the lane goes on gathering, up to
+                // `max_rows` or `max_bytes`, so under load the batches grow
+                // and each transaction carries more rows, instead of small
+                // linger-sized batches queueing up behind one another.
+                Some(deadline) if deadline <= tokio::time::Instant::now() => tokio::select! {
                     received = self.input.recv_many(&mut events, RECV_CHUNK) => received,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let due: Vec<_> = lanes
+                    permit = self.output.reserve() => {
+                        let due = lanes
                             .values_mut()
-                            .filter(|lane| lane.oldest.is_some_and(|t| t.elapsed() >= self.linger))
-                            .filter_map(Gathering::cut)
-                            .collect();
-                        for batch in due {
-                            self.send(batch).await;
+                            .filter(|lane| lane.oldest.is_some())
+                            .min_by_key(|lane| lane.oldest)
+                            .and_then(Gathering::cut);
+                        if let Some(batch) = due {
+                            match permit {
+                                Ok(permit) => {
+                                    gauge!(m::IN_FLIGHT_ROWS).increment(batch.rows as f64);
+                                    permit.send(batch);
+                                }
+                                // The writer is gone: `send` releases it.
+                                Err(_) => self.send(batch).await,
+                            }
                         }
                         continue;
                     }
+                },
+                Some(deadline) => tokio::select! {
+                    received = self.input.recv_many(&mut events, RECV_CHUNK) => received,
+                    _ = tokio::time::sleep_until(deadline) => continue,
                 },
                 None => self.input.recv_many(&mut events, RECV_CHUNK).await,
             };
@@ -358,8 +376,19 @@ mod tests {
 
     impl Harness {
         fn start(max_rows: usize, max_bytes: usize, linger: Duration) -> Harness {
+            Harness::with_output(max_rows, max_bytes, linger, 1024)
+        }
+
+        /// `start`, with room for `waiting` batches between batcher and
+        /// writer (the pipeline has room for one).
+        fn with_output(
+            max_rows: usize,
+            max_bytes: usize,
+            linger: Duration,
+            waiting: usize,
+        ) -> Harness {
             let (input, input_rx) = mpsc::channel(1024);
-            let (output_tx, output) = mpsc::channel(1024);
+            let (output_tx, output) = mpsc::channel(waiting);
             let in_flight = Arc::new(InFlight::default());
             let batcher = Batcher {
                 decoder: Arc::new(decoder()),
@@ -435,6 +464,26 @@ mod tests {
         // The seventh row waits for the linger, counted from when it came.
         assert!(h.quiet_for(Duration::from_secs(9)).await);
         assert_eq!(h.batch().await, (Some(16), 17, vec![16]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_lane_keeps_gathering_while_its_writer_is_busy() {
+        // Room for one batch, as in the pipeline; the test is the writer.
+        let mut h = Harness::with_output(1000, 1 << 20, Duration::from_millis(50), 1);
+        h.assign(1, Some(0)).await;
+        h.message(1, 0).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // [0] was cut at its linger and waits: the writer is busy.
+        h.message(1, 1).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // [1] is due, but nothing can take it yet: it goes on gathering.
+        h.message(1, 2).await;
+        h.message(1, 3).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(h.batch().await, (Some(0), 1, vec![0]));
+        // The writer took [0]: the due lane is cut with all it gathered.
+        assert_eq!(h.batch().await, (Some(1), 4, vec![1, 2, 3]));
+        assert!(h.quiet_for(Duration::from_secs(1)).await);
     }
 
     #[tokio::test(start_paused = true)]
