@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// (default: half of weir's best drain rate).
     #[arg(long)]
     pub latency_rate: Option<f64>,
+    /// Only the latency phase, at `--latency-rate` (no limit, no drains,
+    /// nothing appended to the results): for comparing builds on live
+    /// traffic quickly.
+    #[arg(long, requires = "latency_rate")]
+    pub latency_only: bool,
     /// Record a CPU profile of weir during each drain with `perf record`
     /// (call graphs from DWARF), into `<work-dir>/perf-drain-<writers>.data`.
     #[arg(long)]
@@ -395,6 +400,15 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
         bench.schema, bench.prefix
     );
 
+    if args.latency_only {
+        let rate = args
+            .latency_rate
+            .context("--latency-only needs --latency-rate")?;
+        let latency = bench.latency(&client, rate).await?;
+        print_latency(&latency, items as f64 / events as f64);
+        return bench.clean_up(&client).await;
+    }
+
     // 1. The limit.
     let files = bench.copy_files(&mut admin, events, now_secs).await?;
     if args.decode_only {
@@ -500,15 +514,7 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let rows_per_event = items as f64 / events as f64;
     let rate = args.latency_rate.unwrap_or(best / 2.0 / rows_per_event);
     let latency = bench.latency(&client, rate).await?;
-    println!(
-        "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows)",
-        latency.offered_events,
-        latency.offered_events * rows_per_event,
-        latency.achieved_rows,
-        latency.metric_p50 * 1000.0,
-        latency.metric_p99 * 1000.0,
-        latency.row_p99 * 1000.0
-    );
+    print_latency(&latency, rows_per_event);
 
     let section = results_section(
         &bench,
@@ -527,6 +533,18 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
     append_results(&args.results, &section)?;
     println!("results appended to {}", args.results.display());
     bench.clean_up(&client).await
+}
+
+fn print_latency(latency: &Latency, rows_per_event: f64) {
+    println!(
+        "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows)",
+        latency.offered_events,
+        latency.offered_events * rows_per_event,
+        latency.achieved_rows,
+        latency.metric_p50 * 1000.0,
+        latency.metric_p99 * 1000.0,
+        latency.row_p99 * 1000.0
+    );
 }
 
 /// The shipped config reduced to wa_events, pointed at the bench schema and
