@@ -1013,6 +1013,44 @@ impl Bench {
             .await?;
         let written: i64 = rows.get(0);
         let span: f64 = rows.get(2);
+        // Where the tail sits in the run: the seconds (by Kafka timestamp)
+        // holding the most rows over 250 ms, to tell a transient from a
+        // steady tail.
+        let slow = client
+            .query(
+                &format!(
+                    "WITH r AS (SELECT received_at, extract(epoch FROM ingested_at - received_at) AS lat
+                                  FROM \"{0}\".wa_events),
+                          s AS (SELECT floor(extract(epoch FROM received_at - (SELECT min(received_at) FROM r)))::int8 AS second,
+                                       count(*) FILTER (WHERE lat > 0.25) AS slow, count(*) AS rows,
+                                       max(lat)::float8 AS worst
+                                  FROM r GROUP BY 1)
+                     SELECT second, slow, rows, worst FROM s WHERE slow > 0 ORDER BY slow DESC, second LIMIT 5",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        let seconds: Vec<String> = slow
+            .iter()
+            .map(|row| {
+                format!(
+                    "second {}: {} of {} rows over 250 ms, worst {:.0} ms",
+                    row.get::<_, i64>(0),
+                    row.get::<_, i64>(1),
+                    row.get::<_, i64>(2),
+                    row.get::<_, f64>(3) * 1000.0
+                )
+            })
+            .collect();
+        println!(
+            "latency tail by second of the run: {}",
+            if seconds.is_empty() {
+                "no row over 250 ms".to_string()
+            } else {
+                seconds.join("; ")
+            }
+        );
         let expected: usize = {
             let mut generator = Generator::new(Shape {
                 seed: SEED + 1,
