@@ -593,12 +593,7 @@ async fn killed_postgres_sessions_cause_retries_never_dead_letters() {
     let mut killed = 0i64;
     let mut rounds = 0;
     loop {
-        let stored = db
-            .count(&format!(
-                "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets",
-                db.schema
-            ))
-            .await;
+        let stored = common::stored_offsets(&db).await;
         if stored >= target {
             break;
         }

@@ -276,9 +276,7 @@ async fn weir_runs_as_a_least_privilege_role_and_a_missing_grant_is_named() {
     let dead_before = db
         .count(&format!("SELECT count(*) FROM \"{s}\".weir_dead_letters"))
         .await;
-    let offsets_sql =
-        format!("SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{s}\".weir_offsets");
-    let offsets_before = db.count(&offsets_sql).await;
+    let offsets_before = common::stored_offsets(&db).await;
     common::produce(&topics, &mut old).await;
     let mut revoked = config.clone();
     revoked.postgres.writers = 1;

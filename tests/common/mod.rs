@@ -380,17 +380,22 @@ pub async fn wait_for_offsets(db: &TestDb, group: &str, target: i64, timeout: Du
     }
 }
 
-/// The sum of the schema's stored offsets, sampled twice 3 s apart and
-/// asserted equal: a stopped writer commits nothing.
-pub async fn offsets_hold_still(db: &TestDb) -> i64 {
-    let sql = format!(
+/// The sum of the schema's stored offsets, over every group.
+pub async fn stored_offsets(db: &TestDb) -> i64 {
+    db.count(&format!(
         "SELECT COALESCE(sum(next_offset), 0)::int8 FROM \"{}\".weir_offsets",
         db.schema
-    );
-    let first = db.count(&sql).await;
+    ))
+    .await
+}
+
+/// `stored_offsets`, sampled twice 3 s apart and asserted equal: a stopped
+/// writer commits nothing.
+pub async fn offsets_hold_still(db: &TestDb) -> i64 {
+    let first = stored_offsets(db).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        db.count(&sql).await,
+        stored_offsets(db).await,
         first,
         "stored offsets hold still while stopped"
     );
