@@ -41,6 +41,7 @@ pub mod dlq;
 pub mod event;
 pub(crate) mod health;
 pub(crate) mod http;
+pub mod json;
 pub mod lane;
 pub mod maintenance;
 pub mod metrics;

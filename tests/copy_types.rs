@@ -54,7 +54,8 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
         if case.input.is_null() {
             copy::write_null(&mut buf);
         } else {
-            copy::write_field(&mut buf, &ty, Input::Json(&case.input), TimeUnit::Seconds)
+            let input = weir::json::Json::from(case.input.clone());
+            copy::write_field(&mut buf, &ty, Input::Json(&input), TimeUnit::Seconds)
                 .unwrap_or_else(|err| panic!("{sql_type}: encoding {}: {err}", case.input));
         }
     }
@@ -339,6 +340,7 @@ async fn values_that_do_not_fit_are_refused_before_postgresql_sees_them() {
     let ty = |i: usize| info.columns[i].ty.clone().expect("supported");
     let refuse = |i: usize, value: Value| {
         let mut buf = BytesMut::new();
+        let value = weir::json::Json::from(value);
         copy::write_field(&mut buf, &ty(i), Input::Json(&value), TimeUnit::Seconds)
             .expect_err("should be refused")
             .code()

@@ -15,9 +15,9 @@
 pub mod pool;
 pub mod segment;
 
+use crate::json::Json;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
-use serde_json::Value;
 
 use crate::config::TimeUnit;
 
@@ -116,7 +116,7 @@ impl FieldError {
 /// A value before conversion to its column type.
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
-    Json(&'a Value),
+    Json(&'a Json<'a>),
     Str(&'a str),
     Bytes(&'a [u8]),
     Int(i64),
@@ -173,7 +173,7 @@ fn encode_value(
     // bytes that must be UTF-8 for anything but bytea.
     let input = match input {
         // A JSON string is a JSON value for json/jsonb columns, text for the rest.
-        Input::Json(Value::String(s)) if !matches!(ty, PgType::Json | PgType::Jsonb) => {
+        Input::Json(Json::String(s)) if !matches!(ty, PgType::Json | PgType::Jsonb) => {
             Input::Str(s)
         }
         Input::Bytes(bytes) if *ty != PgType::Bytea => Input::Str(
@@ -208,7 +208,7 @@ fn encode_value(
         PgType::Numeric => {
             let text = match input {
                 Input::Str(s) => s.trim().to_string(),
-                Input::Json(Value::Number(n)) => n.to_string(),
+                Input::Json(Json::Number(n)) => n.to_string(),
                 Input::Int(n) => n.to_string(),
                 other => return Err(wrong("a number", other)),
             };
@@ -271,9 +271,9 @@ fn encode_value(
                 }
                 Input::Str(s) => {
                     // A string source (header, key) holding JSON text.
-                    let value: Value = serde_json::from_str(s)
-                        .map_err(|_| FieldError::Invalid("not JSON text".into()))?;
-                    if *ty == PgType::Jsonb && contains_nul(&value) {
+                    let value =
+                        Json::parse(s).map_err(|_| FieldError::Invalid("not JSON text".into()))?;
+                    if *ty == PgType::Jsonb && value.contains_nul() {
                         return Err(FieldError::NulCharacter);
                     }
                     buf.put_slice(s.as_bytes());
@@ -305,10 +305,10 @@ fn encode_value(
             element,
             element_oid,
         } => {
-            let Input::Json(Value::Array(items)) = input else {
+            let Input::Json(Json::Array(items)) = input else {
                 return Err(wrong("an array", input));
             };
-            let has_null = items.iter().any(Value::is_null);
+            let has_null = items.iter().any(Json::is_null);
             if items.is_empty() {
                 buf.put_i32(0); // dimensions
                 buf.put_i32(0);
@@ -342,8 +342,8 @@ fn put_text(buf: &mut BytesMut, input: Input<'_>) -> Result<(), FieldError> {
             }
             buf.put_slice(s.as_bytes());
         }
-        Input::Json(Value::Number(n)) => buf.put_slice(n.to_string().as_bytes()),
-        Input::Json(Value::Bool(b)) => buf.put_slice(if *b { b"true" } else { b"false" }),
+        Input::Json(Json::Number(n)) => buf.put_slice(n.to_string().as_bytes()),
+        Input::Json(Json::Bool(b)) => buf.put_slice(if *b { b"true" } else { b"false" }),
         Input::Int(n) => buf.put_slice(n.to_string().as_bytes()),
         Input::UnixMicros(micros) => {
             let at = DateTime::<Utc>::from_timestamp_micros(micros)
@@ -357,7 +357,7 @@ fn put_text(buf: &mut BytesMut, input: Input<'_>) -> Result<(), FieldError> {
 
 fn to_bool(input: Input<'_>) -> Result<bool, FieldError> {
     match input {
-        Input::Json(Value::Bool(b)) => Ok(*b),
+        Input::Json(Json::Bool(b)) => Ok(*b),
         Input::Str(s) => match s.trim() {
             "true" | "t" | "TRUE" | "True" => Ok(true),
             "false" | "f" | "FALSE" | "False" => Ok(false),
@@ -373,7 +373,7 @@ fn to_bool(input: Input<'_>) -> Result<bool, FieldError> {
 fn to_i64(input: Input<'_>) -> Result<i64, FieldError> {
     match input {
         Input::Int(n) => Ok(n),
-        Input::Json(Value::Number(n)) => {
+        Input::Json(Json::Number(n)) => {
             if let Some(n) = n.as_i64() {
                 Ok(n)
             } else if n.is_u64() {
@@ -407,7 +407,7 @@ fn to_i64(input: Input<'_>) -> Result<i64, FieldError> {
 fn to_f64(input: Input<'_>) -> Result<f64, FieldError> {
     match input {
         Input::Int(n) => Ok(n as f64),
-        Input::Json(Value::Number(n)) => n
+        Input::Json(Json::Number(n)) => n
             .as_f64()
             .ok_or_else(|| FieldError::Invalid(format!("{n} is not a number"))),
         Input::Str(s) => s
@@ -432,13 +432,13 @@ pub fn kafka_timestamp_micros(ms: i64) -> Option<i64> {
 /// 1..=9999 are refused.
 pub fn to_unix_micros(input: Input<'_>, unit: TimeUnit) -> Result<i64, FieldError> {
     let input = match input {
-        Input::Json(Value::String(s)) => Input::Str(s),
+        Input::Json(Json::String(s)) => Input::Str(s),
         other => other,
     };
     let micros = match input {
         Input::UnixMicros(micros) => micros,
         Input::Int(n) => scale_epoch(n as f64, unit)?,
-        Input::Json(Value::Number(n)) => {
+        Input::Json(Json::Number(n)) => {
             let value = match n.as_i64() {
                 Some(i) => i as f64,
                 None => n.as_f64().unwrap_or(f64::NAN),
@@ -634,26 +634,14 @@ pub fn has_escaped_nul(json: &[u8]) -> bool {
     false
 }
 
-/// True when any string (or key) in `value` holds U+0000, which jsonb refuses.
-pub fn contains_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map
-            .iter()
-            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
-        _ => false,
-    }
-}
-
 fn wrong(expected: &str, got: Input<'_>) -> FieldError {
     let got = match got {
-        Input::Json(Value::Null) => "null",
-        Input::Json(Value::Bool(_)) => "a boolean",
-        Input::Json(Value::Number(_)) => "a number",
-        Input::Json(Value::String(_)) | Input::Str(_) => "a string",
-        Input::Json(Value::Array(_)) => "an array",
-        Input::Json(Value::Object(_)) => "an object",
+        Input::Json(Json::Null) => "null",
+        Input::Json(Json::Bool(_)) => "a boolean",
+        Input::Json(Json::Number(_)) => "a number",
+        Input::Json(Json::String(_)) | Input::Str(_) => "a string",
+        Input::Json(Json::Array(_)) => "an array",
+        Input::Json(Json::Object(_)) => "an object",
         Input::Bytes(_) => "bytes",
         Input::Int(_) => "an integer",
         Input::UnixMicros(_) => "a timestamp",
@@ -679,7 +667,13 @@ pub fn textual(ty: &PgType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    /// `serde_json::json!`, as the decoder's borrowed [`Json`].
+    macro_rules! json {
+        ($($value:tt)+) => {
+            Json::from(serde_json::json!($($value)+))
+        };
+    }
 
     fn encode(ty: &PgType, input: Input<'_>) -> Result<Vec<u8>, FieldError> {
         let mut buf = BytesMut::new();

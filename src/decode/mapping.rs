@@ -97,7 +97,7 @@ pub enum Source {
     Kafka(KafkaField),
     Header(String),
     Weir(WeirField),
-    Const(serde_json::Value),
+    Const(crate::json::Json<'static>),
 }
 
 /// Compiles every table's sources against the catalog entries in `infos`
@@ -392,6 +392,7 @@ fn compile_column(
     } else if let Some(value) = &column.value {
         let value = serde_json::to_value(value)
             .map_err(|err| ConfigError::new(field, format!("constant: {err}")))?;
+        let value = crate::json::Json::from(value);
         // A constant that cannot be encoded would fail every row: say so now.
         let mut scratch = bytes::BytesMut::new();
         copy::write_field(

@@ -18,13 +18,12 @@ pub use gathered::Gathered;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use crate::config::{EmptyEvents, KafkaField, WeirField};
 use crate::copy::segment::RowMeta;
 use crate::copy::{self, Input, PgType};
 use crate::decode::mapping::{CompiledColumn, CompiledSource, Mappings, Source};
 use crate::event::{DeadLetter, Event, Stage};
+use crate::json::Json;
 use crate::store::partition::ManagedTable;
 
 /// Turns events into rows. Shared by all lanes; holds no mutable state.
@@ -58,7 +57,7 @@ struct Origin<'a> {
 }
 
 struct Item<'v> {
-    value: &'v Value,
+    value: &'v Json<'v>,
     indices: Vec<u32>,
     kind: Option<&'v str>,
     ordinal: u32,
@@ -121,7 +120,8 @@ impl Decoder {
             );
             return self.outcome(out, rows_before, dead_before, false);
         };
-        let root: Value = match serde_json::from_str(text) {
+        // Strings borrow from the payload; see `crate::json`.
+        let root = match Json::parse(text) {
             Ok(root) => root,
             Err(err) => {
                 let text = err.to_string();
@@ -181,7 +181,7 @@ impl Decoder {
     fn row(
         &self,
         source: &CompiledSource,
-        root: &Value,
+        root: &Json<'_>,
         item: &Item<'_>,
         origin: &Origin<'_>,
         out: &mut Gathered,
@@ -295,7 +295,7 @@ impl Decoder {
 
 /// Everything a column source can read from.
 struct Context<'a> {
-    root: &'a Value,
+    root: &'a Json<'a>,
     item: &'a Item<'a>,
     event: &'a Event,
     now: i64,
@@ -304,8 +304,8 @@ struct Context<'a> {
 impl<'a> Context<'a> {
     /// The column's value, or `None` when absent or null.
     fn input(&self, column: &'a CompiledColumn) -> Option<Input<'a>> {
-        let json = |value: Option<&'a Value>| match value {
-            None | Some(Value::Null) => None,
+        let json = |value: Option<&'a Json<'a>>| match value {
+            None | Some(Json::Null) => None,
             Some(value) => Some(Input::Json(value)),
         };
         match &column.source {
@@ -340,7 +340,7 @@ impl<'a> Context<'a> {
 /// The items of `root` for `source`, in a stable order (explode paths in
 /// configuration order, each in document order). Without explode paths the
 /// event itself is the one item.
-fn explode<'v>(source: &'v CompiledSource, root: &'v Value) -> Vec<Item<'v>> {
+fn explode<'v>(source: &'v CompiledSource, root: &'v Json<'v>) -> Vec<Item<'v>> {
     if source.explode.is_empty() {
         return vec![Item {
             value: root,
@@ -370,9 +370,9 @@ fn explode<'v>(source: &'v CompiledSource, root: &'v Value) -> Vec<Item<'v>> {
 /// The item of `root` with `ordinal` for `source` (for replaying one item).
 pub fn item_value<'v>(
     source: &'v CompiledSource,
-    root: &'v Value,
+    root: &'v Json<'v>,
     ordinal: u32,
-) -> Option<&'v Value> {
+) -> Option<&'v Json<'v>> {
     explode(source, root)
         .into_iter()
         .find(|item| item.ordinal == ordinal)

@@ -7,7 +7,7 @@
 //! *event pointer* its wildcards are *bound* to an item's indices, so
 //! `/entry/*/changes/*/value/metadata` reaches the envelope of that very item.
 
-use serde_json::Value;
+use crate::json::Json;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
@@ -81,14 +81,14 @@ impl Pointer {
     /// The value at this pointer, with the k-th wildcard bound to
     /// `indices[k]`. A wildcard without an index, or a path that does not
     /// exist, gives `None`.
-    pub fn get_bound<'v>(&self, root: &'v Value, indices: &[u32]) -> Option<&'v Value> {
+    pub fn get_bound<'v>(&self, root: &'v Json<'v>, indices: &[u32]) -> Option<&'v Json<'v>> {
         let mut current = root;
         let mut bound = indices.iter();
         for token in &self.tokens {
             current = match token {
                 Token::Key { key, index } => match current {
-                    Value::Object(map) => map.get(key)?,
-                    Value::Array(items) => items.get((*index)?)?,
+                    Json::Object(members) => members.get(key)?,
+                    Json::Array(items) => items.get((*index)?)?,
                     _ => return None,
                 },
                 Token::Wildcard => {
@@ -101,13 +101,17 @@ impl Pointer {
     }
 
     /// The value at this pointer, which has no wildcards.
-    pub fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+    pub fn get<'v>(&self, root: &'v Json<'v>) -> Option<&'v Json<'v>> {
         self.get_bound(root, &[])
     }
 
     /// Calls `found(item, indices)` for every value this pointer reaches, in
     /// document order; `indices` holds the array index taken at each `*`.
-    pub fn for_each_match<'v>(&self, root: &'v Value, found: &mut dyn FnMut(&'v Value, &[u32])) {
+    pub fn for_each_match<'v>(
+        &self,
+        root: &'v Json<'v>,
+        found: &mut dyn FnMut(&'v Json<'v>, &[u32]),
+    ) {
         let mut indices = Vec::with_capacity(self.wildcards());
         walk(&self.tokens, root, &mut indices, found);
     }
@@ -132,9 +136,9 @@ impl Pointer {
 
 fn walk<'v>(
     tokens: &[Token],
-    current: &'v Value,
+    current: &'v Json<'v>,
     indices: &mut Vec<u32>,
-    found: &mut dyn FnMut(&'v Value, &[u32]),
+    found: &mut dyn FnMut(&'v Json<'v>, &[u32]),
 ) {
     let Some((token, rest)) = tokens.split_first() else {
         found(current, indices);
@@ -143,8 +147,8 @@ fn walk<'v>(
     match token {
         Token::Key { key, index } => {
             let next = match current {
-                Value::Object(map) => map.get(key),
-                Value::Array(items) => index.and_then(|i| items.get(i)),
+                Json::Object(members) => members.get(key),
+                Json::Array(items) => index.and_then(|i| items.get(i)),
                 _ => None,
             };
             if let Some(next) = next {
@@ -152,7 +156,7 @@ fn walk<'v>(
             }
         }
         Token::Wildcard => {
-            if let Value::Array(items) = current {
+            if let Json::Array(items) = current {
                 for (i, item) in items.iter().enumerate() {
                     indices.push(i as u32);
                     walk(rest, item, indices, found);
@@ -213,10 +217,8 @@ fn array_index(key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn body() -> Value {
-        json!({
+    const BODY: &str = r#"{
             "entry": [
                 {"changes": [
                     {"value": {"metadata": {"id": "A"}, "messages": [{"id": 1}, {"id": 2}]}},
@@ -227,22 +229,29 @@ mod tests {
                 ]}
             ],
             "a/b": {"m~n": 7}
-        })
+        }"#;
+
+    fn num(n: i64) -> Json<'static> {
+        Json::Number(n.into())
+    }
+
+    fn text(s: &'static str) -> Json<'static> {
+        Json::String(s.into())
     }
 
     #[test]
     fn plain_pointers_follow_rfc6901() {
-        let doc = body();
+        let doc = Json::parse(BODY).unwrap();
         assert_eq!(Pointer::parse("").unwrap().get(&doc), Some(&doc));
         assert_eq!(
             Pointer::parse("/a~1b/m~0n").unwrap().get(&doc),
-            Some(&json!(7))
+            Some(&num(7))
         );
         assert_eq!(
             Pointer::parse("/entry/1/changes/0/value/metadata/id")
                 .unwrap()
                 .get(&doc),
-            Some(&json!("C"))
+            Some(&text("C"))
         );
         assert_eq!(Pointer::parse("/entry/01").unwrap().get(&doc), None);
         assert_eq!(Pointer::parse("/missing/x").unwrap().get(&doc), None);
@@ -252,11 +261,14 @@ mod tests {
 
     #[test]
     fn wildcards_enumerate_in_document_order_with_indices() {
-        let doc = body();
+        let doc = Json::parse(BODY).unwrap();
         let explode = Pointer::parse("/entry/*/changes/*/value/messages/*").unwrap();
         let mut seen = Vec::new();
         explode.for_each_match(&doc, &mut |item, indices| {
-            seen.push((item["id"].as_i64().unwrap(), indices.to_vec()));
+            seen.push((
+                item.get("id").and_then(Json::as_i64).unwrap(),
+                indices.to_vec(),
+            ));
         });
         assert_eq!(
             seen,
@@ -270,10 +282,10 @@ mod tests {
 
     #[test]
     fn bound_wildcards_reach_the_items_envelope() {
-        let doc = body();
+        let doc = Json::parse(BODY).unwrap();
         let envelope = Pointer::parse("/entry/*/changes/*/value/metadata/id").unwrap();
-        assert_eq!(envelope.get_bound(&doc, &[0, 1, 0]), Some(&json!("B")));
-        assert_eq!(envelope.get_bound(&doc, &[1, 0]), Some(&json!("C")));
+        assert_eq!(envelope.get_bound(&doc, &[0, 1, 0]), Some(&text("B")));
+        assert_eq!(envelope.get_bound(&doc, &[1, 0]), Some(&text("C")));
         // Too few indices: the pointer cannot be resolved.
         assert_eq!(envelope.get_bound(&doc, &[1]), None);
         assert_eq!(

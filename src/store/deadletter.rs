@@ -158,7 +158,7 @@ impl DeadLetterTable {
         if event.headers.is_empty() {
             copy::write_null(buf);
         } else {
-            let headers = headers_json(event);
+            let headers = crate::json::Json::from(headers_json(event));
             field(buf, &PgType::Jsonb, Input::Json(&headers));
         }
         match &letter.table {
@@ -196,7 +196,7 @@ impl DeadLetterTable {
         field(
             buf,
             &PgType::Bool,
-            Input::Json(&serde_json::Value::Bool(stored.truncated)),
+            Input::Json(&crate::json::Json::Bool(stored.truncated)),
         );
         match stored.sha256 {
             Some(hash) => field(buf, &PgType::Bytea, Input::Bytes(&hash)),
