@@ -537,13 +537,15 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
 
 fn print_latency(latency: &Latency, rows_per_event: f64) {
     println!(
-        "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows)",
+        "latency at {:.0} events/s ({:.0} rows/s offered, {:.0} achieved): p50 {:.0} ms, p99 {:.0} ms (weir's histogram), p99 {:.0} ms (rows), \
+         p99 {:.0} ms (rows after the first {WARM_UP_SECS} s)",
         latency.offered_events,
         latency.offered_events * rows_per_event,
         latency.achieved_rows,
         latency.metric_p50 * 1000.0,
         latency.metric_p99 * 1000.0,
-        latency.row_p99 * 1000.0
+        latency.row_p99 * 1000.0,
+        latency.steady_p99 * 1000.0
     );
 }
 
@@ -631,6 +633,26 @@ impl Bench {
         println!(
             "decode + encode in weir, one thread: {:.2} us per row ({rows} rows from {events} bodies)",
             decode_time.as_secs_f64() * 1e6 / rows.max(1) as f64
+        );
+        // The pass above faults in fresh pages for every buffer, and on a
+        // shared machine one pass is noisy. A writer reuses its buffers, so
+        // decode again into memory the allocator already holds, dropping
+        // each batch after it, and report the best of three passes.
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            for chunk in inputs.chunks(12_000) {
+                let mut gathered = weir::decode::Gathered::default();
+                for (message, event) in chunk.iter().enumerate() {
+                    decoder.decode(event, message as u32, now, &mut gathered);
+                }
+                std::hint::black_box(&gathered);
+            }
+            best = best.min(started.elapsed());
+        }
+        println!(
+            "decode + encode in weir, one thread, warm memory: {:.2} us per row (best of 3 passes)",
+            best.as_secs_f64() * 1e6 / rows.max(1) as f64
         );
         let dir = self.args.work_dir.join(format!("copy-{}", self.schema));
         std::fs::create_dir_all(&dir)?;
@@ -1003,10 +1025,14 @@ impl Bench {
         let rows = client
             .query_one(
                 &format!(
-                    "SELECT count(*), percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM ingested_at - received_at)),
-                            extract(epoch FROM max(ingested_at) - min(ingested_at))::float8
-                       FROM \"{}\".wa_events",
-                    self.schema
+                    "WITH r AS (SELECT received_at, ingested_at, extract(epoch FROM ingested_at - received_at) AS lat
+                                  FROM \"{0}\".wa_events)
+                     SELECT count(*), percentile_cont(0.99) WITHIN GROUP (ORDER BY lat),
+                            extract(epoch FROM max(ingested_at) - min(ingested_at))::float8,
+                            coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY lat)
+                                       FILTER (WHERE received_at >= (SELECT min(received_at) FROM r) + interval '{1} seconds'), 0)
+                       FROM r",
+                    self.schema, WARM_UP_SECS
                 ),
                 &[],
             )
@@ -1079,6 +1105,7 @@ impl Bench {
             metric_p50: metric.p50,
             metric_p99: metric.p99,
             row_p99: rows.get(1),
+            steady_p99: rows.get(3),
         })
     }
 }
@@ -1089,7 +1116,13 @@ struct Latency {
     metric_p50: f64,
     metric_p99: f64,
     row_p99: f64,
+    /// p99 from the rows, leaving out those appended in the first
+    /// `WARM_UP_SECS` seconds of the run.
+    steady_p99: f64,
 }
+
+/// Seconds at the start of the live phase left out of the steady-state p99.
+const WARM_UP_SECS: u64 = 5;
 
 /// Stops `perf record` (SIGINT makes it write its data) and waits for it.
 fn stop_profile(mut profiler: Child) -> anyhow::Result<()> {
@@ -1314,12 +1347,14 @@ fn results_section(
         s,
         "\nLatency, live traffic offered at {:.0} bodies/s (half of weir's best rate in rows, {:.0} rows/s achieved), 2 writers: \
          Kafka append to commit p50 {:.0} ms, p99 {:.0} ms (weir's `weir_end_to_end_seconds`, interpolated in buckets); \
-         p99 {:.0} ms from the rows (`ingested_at - received_at`).\n",
+         p99 {:.0} ms from the rows (`ingested_at - received_at`); p99 {:.0} ms from the rows appended after the first {WARM_UP_SECS} s \
+         (steady state).\n",
         latency.offered_events,
         latency.achieved_rows,
         latency.metric_p50 * 1000.0,
         latency.metric_p99 * 1000.0,
-        latency.row_p99 * 1000.0
+        latency.row_p99 * 1000.0,
+        latency.steady_p99 * 1000.0
     );
     let best = |i: usize| {
         drained
@@ -1340,7 +1375,7 @@ fn results_section(
     let _ = writeln!(
         s,
         "Targets: 1 writer >= 0.9 of the 1-session limit: {:.2} ({}); 2 writers >= 0.85 of the 2-session limit: {:.2} ({}); \
-         weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}); \
+         weir CPU/row <= 0.25 of PostgreSQL's: {:.2} ({}); peak RSS < 150 MiB: {:.0} MiB ({}); p99 <= 250 ms at half rate: {:.0} ms ({}), {:.0} ms after the first {WARM_UP_SECS} s ({}); \
          dedupe path >= 0.6 of plain COPY: {:.2} ({}).",
         best(0),
         verdict(best(0) >= 0.9),
@@ -1352,6 +1387,8 @@ fn results_section(
         verdict(rss < 150.0),
         latency.metric_p99 * 1000.0,
         verdict(latency.metric_p99 <= 0.25),
+        latency.steady_p99 * 1000.0,
+        verdict(latency.steady_p99 <= 0.25),
         dedupe,
         verdict(dedupe >= 0.6)
     );
