@@ -55,7 +55,12 @@ fn catalog(name: &str) -> TableInfo {
             .collect(),
         range_key: Some(if name == "webhook_logs" { "received_at" } else { "created_at" }.into()),
         partitioning: "range",
-        unique_keys: Vec::new(),
+        // The unique indexes the shipped dedupe keys need (config/schema/*.sql).
+        unique_keys: match name {
+            "wa_events" => vec![vec!["event_id".into(), "event_type".into(), "created_at".into()]],
+            "messages" => vec![vec!["message_id".into(), "created_at".into()]],
+            _ => Vec::new(),
+        },
     }
 }
 
