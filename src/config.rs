@@ -521,13 +521,13 @@ fn default_batch_max_rows() -> usize {
     20_000
 }
 fn default_batch_max_bytes() -> usize {
-    16 << 20
+    8 << 20
 }
 fn default_batch_linger_ms() -> u64 {
     50
 }
 fn default_max_in_flight_bytes() -> usize {
-    64 << 20
+    32 << 20
 }
 fn default_queue_messages() -> usize {
     16_384

@@ -583,7 +583,7 @@ fn keda_owns_scaling_and_one_pod_holding_every_partition_fits_its_limit() {
         .expect("queued.max.messages.kbytes");
     let mib = 1024 * 1024;
     let needed_mib =
-        config.pipeline.max_in_flight_bytes as i64 / mib + prefetch_kib / 1024 * partitions + 30;
+        config.pipeline.max_in_flight_bytes as i64 / mib + prefetch_kib / 1024 * partitions + 190;
     let limit =
         deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
             .as_str()
