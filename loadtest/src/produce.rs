@@ -158,6 +158,16 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
             .context("kafka client")?;
         log_ends(&consumer, &topics, Duration::from_secs(30))?
     };
+    // A new producer connects, fetches metadata and (idempotent) gets its
+    // producer id before it sends anything. Records handed to it meanwhile
+    // wait in its queue with their timestamps already set, which reads as
+    // latency of whoever consumes them. Connect before the clock starts.
+    for topic in &topics {
+        producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .with_context(|| format!("metadata of {topic}"))?;
+    }
     let mut generator = Generator::new(shape.clone());
     let bar = if args.quiet {
         ProgressBar::hidden()
