@@ -15,11 +15,11 @@
 pub mod pool;
 pub mod segment;
 
-use crate::json::Json;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
 use crate::config::TimeUnit;
+use crate::json::Json;
 
 /// Unix microseconds now.
 pub fn now_micros() -> i64 {
