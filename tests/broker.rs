@@ -8,12 +8,14 @@
 //! The topic holds compressed batches of exactly 100 records. Consumers are
 //! assigned at offsets inside batches, on batch boundaries and at the last
 //! record, and each must receive exactly the records from its offset on.
+//! A fetch past the end must be out of range (see the last test).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
@@ -63,18 +65,7 @@ fn produce_batches(topic: &str, compression: &str) -> Vec<i64> {
 /// Reads `topic` (one partition) from `offset` to its end with a consumer
 /// assigned there: (offset, payload index) of every record received.
 fn consume_from(topic: &str, offset: i64, fetch_wait_ms: &str) -> Vec<(i64, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &common::stack().brokers)
-        .set("group.id", common::unique("conformance"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", fetch_wait_ms)
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Offset(offset))
-        .expect("assignment");
-    consumer.assign(&assignment).expect("assign");
+    let consumer = consumer_at(topic, offset, fetch_wait_ms, "latest");
     let mut received = Vec::new();
     let started = Instant::now();
     loop {
@@ -96,11 +87,53 @@ fn consume_from(topic: &str, offset: i64, fetch_wait_ms: &str) -> Vec<(i64, i64)
                     return received;
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(err)) => panic!("consume from {offset}: {err}"),
             None => {}
         }
     }
+}
+
+/// A consumer assigned to `topic` (one partition) at `offset`, with
+/// `auto.offset.reset` = `reset`.
+fn consumer_at(topic: &str, offset: i64, fetch_wait_ms: &str, reset: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &common::stack().brokers)
+        .set("group.id", common::unique("conformance"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", fetch_wait_ms)
+        .set("auto.offset.reset", reset)
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Offset(offset))
+        .expect("assignment");
+    consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+/// What `consumer` delivers first within `within`: a record's (offset,
+/// payload index), an error, or nothing.
+fn first_event(
+    consumer: &BaseConsumer,
+    within: Duration,
+) -> Option<Result<(i64, i64), KafkaError>> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                let index = std::str::from_utf8(message.payload().expect("payload"))
+                    .expect("utf-8")
+                    .parse()
+                    .expect("index");
+                return Some(Ok((message.offset(), index)));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(err)) => return Some(Err(err)),
+        }
+    }
+    None
 }
 
 fn assert_exact_from(topic: &str, offsets: &[i64], start: i64) {
@@ -174,4 +207,73 @@ fn a_fetch_with_records_ready_is_answered_without_waiting_out_max_wait() {
         took < max_wait / 4,
         "records that were ready took {took:?}: the broker held a fetch with records in hand"
     );
+}
+
+/// Apache Kafka answers a fetch past the log's end with OFFSET_OUT_OF_RANGE,
+/// and the client then resets its position under `auto.offset.reset`; a
+/// fetch *at* the end is in range and waits for the next record. tansu
+/// 0.6.0 answered past the end with no records and no error, so a consumer
+/// whose stored position outlived its log (the topic was recreated, or the
+/// memory engine restarted) waited silently, then skipped the records below
+/// its position once the log grew back to it. Found when weir's demo
+/// stalled on offsets stored against an earlier broker instance.
+#[test]
+fn a_fetch_past_the_log_end_is_out_of_range_and_at_the_end_waits() {
+    let topic = common::unique("conformance_range");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
+    let offsets = produce_batches(&topic, "zstd");
+    let end = offsets.last().expect("records") + 1;
+    let within = Duration::from_secs(30);
+
+    // Past the end, policy "error": the client reports the reset it may not make.
+    let consumer = consumer_at(&topic, end + 500, "10", "error");
+    match first_event(&consumer, within) {
+        Some(Err(err))
+            if err.rdkafka_error_code()
+                == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
+        {
+            println!("past the end, policy error: {err}");
+        }
+        other => panic!(
+            "a fetch at {} of a log ending at {end}: expected an offset-out-of-range reset error, got {other:?}",
+            end + 500
+        ),
+    }
+
+    // Past the end, policy "earliest": the client restarts at the log's start.
+    let consumer = consumer_at(&topic, end + 500, "10", "earliest");
+    assert_eq!(
+        first_event(&consumer, within).map(|event| event.expect("no error")),
+        Some((0, 0)),
+        "past the end with auto.offset.reset = earliest: the first record is the log's first"
+    );
+
+    // At the end: in range, so no error; the next record produced arrives.
+    let consumer = consumer_at(&topic, end, "10", "error");
+    let waited = first_event(&consumer, Duration::from_secs(2));
+    assert!(
+        waited.is_none(),
+        "a fetch at the log's end is in range: got {waited:?}"
+    );
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &common::stack().brokers)
+        .create()
+        .expect("producer");
+    let index = RECORDS.to_string();
+    producer
+        .send(
+            BaseRecord::<str, str>::to(&topic)
+                .key(&index)
+                .payload(&index),
+        )
+        .map_err(|(err, _)| err)
+        .expect("enqueue");
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    assert_eq!(
+        first_event(&consumer, within).map(|event| event.expect("no error")),
+        Some((end, RECORDS)),
+        "assigned at the log's end: the next record produced is received"
+    );
+    println!("log end {end}: past it out of range (error and earliest), at it the next record");
 }

@@ -119,7 +119,11 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
         None => name.to_string(),
     };
     let topics = [topic(WEBHOOK_TOPIC), topic(CHAT_TOPIC)];
-    ensure_topics(brokers, &topics, args.partitions)?;
+    for created in ensure_topics(brokers, &topics, args.partitions)? {
+        // On stdout even when quiet: a script learns that the topic's log
+        // starts afresh (deploy/local/demo.sh forgets its stale offsets).
+        println!("created topic {created}");
+    }
     let deliveries = Arc::new(Deliveries {
         slots: Mutex::new(vec![None; args.count as usize]),
         failed: Default::default(),
@@ -435,8 +439,12 @@ fn find_in_log(
     Ok(found.len())
 }
 
-/// Creates the topics that do not exist yet.
-pub fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> anyhow::Result<()> {
+/// Creates the topics that do not exist yet; returns those it created.
+pub fn ensure_topics(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+) -> anyhow::Result<Vec<String>> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -454,13 +462,15 @@ pub fn ensure_topics(brokers: &str, topics: &[String], partitions: i32) -> anyho
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         ))
         .context("creating topics")?;
+    let mut created = Vec::new();
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 #[cfg(test)]
