@@ -547,6 +547,10 @@ fn print_latency(latency: &Latency, rows_per_event: f64) {
         latency.row_p99 * 1000.0,
         latency.steady_p99 * 1000.0
     );
+    println!(
+        "cores used during the live traffic: {}",
+        latency.cores_text()
+    );
 }
 
 /// The shipped config reduced to wa_events, pointed at the bench schema and
@@ -1002,6 +1006,21 @@ impl Bench {
             out: run_dir,
             quiet: true,
         };
+        // Who uses the machine while the traffic runs: on one machine the
+        // generator and the broker compete with weir and PostgreSQL, and a
+        // saturated machine sets the tail whatever weir does.
+        let broker_pids = pids_named("tansu");
+        let weir_pid = child.id();
+        let cpu_now = || {
+            [
+                cpu_seconds(weir_pid),
+                postgres_cpu().values().sum::<f64>(),
+                broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+                cpu_seconds(std::process::id()),
+            ]
+        };
+        let cpu_before = cpu_now();
+        let traffic_started = Instant::now();
         let manifest = tokio::task::spawn_blocking(move || produce(&brokers, &args)).await??;
         let started = Instant::now();
         while self.stored(client, &group).await? < manifest.count as i64 {
@@ -1010,6 +1029,9 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let wall = traffic_started.elapsed().as_secs_f64();
+        let cpu_after = cpu_now();
+        let cores: [f64; 4] = std::array::from_fn(|i| (cpu_after[i] - cpu_before[i]) / wall);
         let scrape = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         terminate(&mut child)?;
         // Kept for reading the stages' histograms after the run.
@@ -1101,6 +1123,7 @@ impl Bench {
             metric_p99: metric.p99,
             row_p99: rows.get(1),
             steady_p99: rows.get(3),
+            cores,
         })
     }
 }
@@ -1114,6 +1137,23 @@ struct Latency {
     /// p99 from the rows, leaving out those appended in the first
     /// `WARM_UP_SECS` seconds of the run.
     steady_p99: f64,
+    /// Cores used while the traffic ran (from its start until weir had
+    /// committed all of it): weir, PostgreSQL, the broker, the generator
+    /// (this process).
+    cores: [f64; 4],
+}
+
+impl Latency {
+    /// "weir 0.25, PostgreSQL 0.62, ... : 1.84 of 2 cores".
+    fn cores_text(&self) -> String {
+        let [weir, postgres, broker, generator] = self.cores;
+        let machine = std::thread::available_parallelism().map_or(0, usize::from);
+        format!(
+            "weir {weir:.2}, PostgreSQL {postgres:.2}, the broker {broker:.2}, the generator {generator:.2}: \
+             {:.2} of the machine's {machine} cores",
+            weir + postgres + broker + generator
+        )
+    }
 }
 
 /// Seconds at the start of the live phase left out of the steady-state p99.
@@ -1343,13 +1383,14 @@ fn results_section(
         "\nLatency, live traffic offered at {:.0} bodies/s (half of weir's best rate in rows, {:.0} rows/s achieved), 2 writers: \
          Kafka append to commit p50 {:.0} ms, p99 {:.0} ms (weir's `weir_end_to_end_seconds`, interpolated in buckets); \
          p99 {:.0} ms from the rows (`ingested_at - received_at`); p99 {:.0} ms from the rows appended after the first {WARM_UP_SECS} s \
-         (steady state).\n",
+         (steady state). Cores used during the live traffic: {}.\n",
         latency.offered_events,
         latency.achieved_rows,
         latency.metric_p50 * 1000.0,
         latency.metric_p99 * 1000.0,
         latency.row_p99 * 1000.0,
-        latency.steady_p99 * 1000.0
+        latency.steady_p99 * 1000.0,
+        latency.cores_text()
     );
     let best = |i: usize| {
         drained
