@@ -62,6 +62,16 @@ fn produce_batches(topic: &str, compression: &str) -> Vec<i64> {
     received.iter().map(|(offset, _)| *offset).collect()
 }
 
+/// A new one-partition topic named after `prefix`, holding the batches of
+/// [`produce_batches`]; returns its name and the offset of each record.
+fn batched_topic(prefix: &str, compression: &str) -> (String, Vec<i64>) {
+    let topic = common::unique(prefix);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
+    let offsets = produce_batches(&topic, compression);
+    (topic, offsets)
+}
+
 /// Reads `topic` (one partition) from `offset` to its end with a consumer
 /// assigned there: (offset, payload index) of every record received.
 fn consume_from(topic: &str, offset: i64, fetch_wait_ms: &str) -> Vec<(i64, i64)> {
@@ -155,10 +165,7 @@ fn assert_exact_from(topic: &str, offsets: &[i64], start: i64) {
 }
 
 fn conformance(compression: &str) {
-    let topic = common::unique(&format!("conformance_{compression}"));
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
-    let offsets = produce_batches(&topic, compression);
+    let (topic, offsets) = batched_topic(&format!("conformance_{compression}"), compression);
     assert_eq!(
         offsets,
         (0..RECORDS).collect::<Vec<_>>(),
@@ -190,10 +197,7 @@ fn fetches_inside_lz4_batches_return_the_rest_of_the_batch() {
 /// there must take a small fraction of the wait.
 #[test]
 fn a_fetch_with_records_ready_is_answered_without_waiting_out_max_wait() {
-    let topic = common::unique("conformance_wait");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
-    let offsets = produce_batches(&topic, "zstd");
+    let (topic, offsets) = batched_topic("conformance_wait", "zstd");
     let max_wait = Duration::from_secs(20);
     let started = Instant::now();
     let received = consume_from(&topic, 0, &max_wait.as_millis().to_string());
@@ -219,10 +223,7 @@ fn a_fetch_with_records_ready_is_answered_without_waiting_out_max_wait() {
 /// stalled on offsets stored against an earlier broker instance.
 #[test]
 fn a_fetch_past_the_log_end_is_out_of_range_and_at_the_end_waits() {
-    let topic = common::unique("conformance_range");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
-    let offsets = produce_batches(&topic, "zstd");
+    let (topic, offsets) = batched_topic("conformance_range", "zstd");
     let end = offsets.last().expect("records") + 1;
     let within = Duration::from_secs(30);
 
