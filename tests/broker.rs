@@ -8,7 +8,8 @@
 //! The topic holds compressed batches of exactly 100 records. Consumers are
 //! assigned at offsets inside batches, on batch boundaries and at the last
 //! record, and each must receive exactly the records from its offset on.
-//! A fetch past the end must be out of range (see the last test).
+//! A fetch past the end must be out of range, and a fetch must bring at
+//! most `max.partition.fetch.bytes` of a partition (see the last tests).
 
 mod common;
 
@@ -23,10 +24,11 @@ const BATCHES: i64 = 10;
 const BATCH_RECORDS: i64 = 100;
 const RECORDS: i64 = BATCHES * BATCH_RECORDS;
 
-/// Produces `RECORDS` records as `BATCHES` compressed batches of
-/// `BATCH_RECORDS`: each batch is queued whole behind a long linger, then
-/// flushed. Returns the offset of each record (its payload is its index).
-fn produce_batches(topic: &str, compression: &str) -> Vec<i64> {
+/// Produces `RECORDS` records as `BATCHES` batches of `BATCH_RECORDS`
+/// (compressed with `compression`): each batch is queued whole behind a long
+/// linger, then flushed. A record's payload is its index, zero-padded to
+/// `payload_bytes`. Returns the offset of each record.
+fn produce_batches(topic: &str, compression: &str, payload_bytes: usize) -> Vec<i64> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &common::stack().brokers)
         .set("compression.type", compression)
@@ -40,11 +42,12 @@ fn produce_batches(topic: &str, compression: &str) -> Vec<i64> {
     for batch in 0..BATCHES {
         for record in 0..BATCH_RECORDS {
             let index = (batch * BATCH_RECORDS + record).to_string();
+            let payload = format!("{index:0>payload_bytes$}");
             producer
                 .send(
                     BaseRecord::<str, str>::to(topic)
                         .key(&index)
-                        .payload(&index),
+                        .payload(&payload),
                 )
                 .map_err(|(err, _)| err)
                 .expect("enqueue");
@@ -64,11 +67,11 @@ fn produce_batches(topic: &str, compression: &str) -> Vec<i64> {
 
 /// A new one-partition topic named after `prefix`, holding the batches of
 /// [`produce_batches`]; returns its name and the offset of each record.
-fn batched_topic(prefix: &str, compression: &str) -> (String, Vec<i64>) {
+fn batched_topic(prefix: &str, compression: &str, payload_bytes: usize) -> (String, Vec<i64>) {
     let topic = common::unique(prefix);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
-    let offsets = produce_batches(&topic, compression);
+    let offsets = produce_batches(&topic, compression, payload_bytes);
     (topic, offsets)
 }
 
@@ -165,7 +168,7 @@ fn assert_exact_from(topic: &str, offsets: &[i64], start: i64) {
 }
 
 fn conformance(compression: &str) {
-    let (topic, offsets) = batched_topic(&format!("conformance_{compression}"), compression);
+    let (topic, offsets) = batched_topic(&format!("conformance_{compression}"), compression, 0);
     assert_eq!(
         offsets,
         (0..RECORDS).collect::<Vec<_>>(),
@@ -197,7 +200,7 @@ fn fetches_inside_lz4_batches_return_the_rest_of_the_batch() {
 /// there must take a small fraction of the wait.
 #[test]
 fn a_fetch_with_records_ready_is_answered_without_waiting_out_max_wait() {
-    let (topic, offsets) = batched_topic("conformance_wait", "zstd");
+    let (topic, offsets) = batched_topic("conformance_wait", "zstd", 0);
     let max_wait = Duration::from_secs(20);
     let started = Instant::now();
     let received = consume_from(&topic, 0, &max_wait.as_millis().to_string());
@@ -223,7 +226,7 @@ fn a_fetch_with_records_ready_is_answered_without_waiting_out_max_wait() {
 /// stalled on offsets stored against an earlier broker instance.
 #[test]
 fn a_fetch_past_the_log_end_is_out_of_range_and_at_the_end_waits() {
-    let (topic, offsets) = batched_topic("conformance_range", "zstd");
+    let (topic, offsets) = batched_topic("conformance_range", "zstd", 0);
     let end = offsets.last().expect("records") + 1;
     let within = Duration::from_secs(30);
 
@@ -277,4 +280,97 @@ fn a_fetch_past_the_log_end_is_out_of_range_and_at_the_end_waits() {
         "assigned at the log's end: the next record produced is received"
     );
     println!("log end {end}: past it out of range (error and earliest), at it the next record");
+}
+
+/// What librdkafka's statistics showed of one partition's fetch queue: the
+/// most records and bytes it held.
+#[derive(Default)]
+struct FetchQueueStats {
+    most: std::sync::Mutex<(i64, u64)>,
+}
+
+impl rdkafka::ClientContext for FetchQueueStats {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut most = self.most.lock().expect("stats lock");
+        for partition in statistics
+            .topics
+            .values()
+            .flat_map(|topic| topic.partitions.values())
+            .filter(|partition| partition.partition >= 0)
+        {
+            most.0 = most.0.max(partition.fetchq_cnt);
+            most.1 = most.1.max(partition.fetchq_size);
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for FetchQueueStats {}
+
+/// Apache Kafka returns at most `max.partition.fetch.bytes` of a partition in
+/// one fetch response (KIP-74: only the response's first batch may exceed
+/// it). A consumer's memory rests on that: librdkafka stops fetching a
+/// partition once its queue holds `queued.max.messages.kbytes`, but what one
+/// response brings comes on top. tansu 0.6.0 ignored the partition limit and
+/// filled the response up to `fetch.max.bytes`, so weir's measured memory was
+/// several times what it is against Kafka.
+///
+/// The consumer reads its partition through a queue of its own and never
+/// reads it. Its queue limit (1 KiB) is over after the first response, so it
+/// fetches once, and its queue holds exactly what that response brought.
+#[test]
+fn a_fetch_returns_at_most_max_partition_fetch_bytes_of_a_partition() {
+    // Uncompressed batches of 100 records of 1000 bytes: about 100 KB each.
+    const PAYLOAD_BYTES: usize = 1000;
+    let (topic, offsets) = batched_topic("conformance_partition_bytes", "none", PAYLOAD_BYTES);
+    assert_eq!(offsets.len() as i64, RECORDS);
+    let consumer: std::sync::Arc<BaseConsumer<FetchQueueStats>> = std::sync::Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &common::stack().brokers)
+            .set("group.id", common::unique("conformance"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            // One batch fits in the limit, two do not.
+            .set("max.partition.fetch.bytes", "150000")
+            .set("fetch.max.bytes", "52428800")
+            .set("queued.max.messages.kbytes", "1")
+            .set("statistics.interval.ms", "100")
+            .create_with_context(FetchQueueStats::default())
+            .expect("consumer"),
+    );
+    // Split off before the assignment starts fetching, as weir does: every
+    // record then reaches the partition's own queue.
+    let _unread = consumer
+        .split_partition_queue(&topic, 0)
+        .expect("partition queue");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&topic, 0, Offset::Offset(0))
+        .expect("assignment");
+    consumer.assign(&assignment).expect("assign");
+
+    // Serve statistics until the queue has held records for a second.
+    let started = Instant::now();
+    let mut filled: Option<Instant> = None;
+    while filled.is_none_or(|at| at.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the consumer fetched nothing in 30 s"
+        );
+        assert!(consumer.poll(Duration::from_millis(50)).is_none());
+        if filled.is_none() && consumer.context().most.lock().expect("stats lock").0 > 0 {
+            filled = Some(Instant::now());
+        }
+    }
+    let (records, bytes) = *consumer.context().most.lock().expect("stats lock");
+    println!(
+        "max.partition.fetch.bytes 150000: one fetch brought {bytes} bytes ({records} queue entries) of {RECORDS} records"
+    );
+    // librdkafka counts payload bytes; its record count also takes in a
+    // control entry or two, so the bytes are what is compared.
+    assert_eq!(
+        bytes,
+        BATCH_RECORDS as u64 * PAYLOAD_BYTES as u64,
+        "with max.partition.fetch.bytes at 1.5 batches, a fetch must bring exactly one batch \\
+         ({BATCH_RECORDS} records of {PAYLOAD_BYTES} bytes); it brought {bytes} bytes ({records} entries)"
+    );
 }
