@@ -59,6 +59,23 @@ pub enum Request {
     },
 }
 
+/// What an event is charged to the [`InFlight`] budget when it is taken
+/// from Kafka: its own bytes, and as much again reserved for the rows it
+/// will be encoded into (rows are about the size of their event). The
+/// batcher replaces the reservation with the rows' true size once it has
+/// encoded them ([`reserved_for_rows`]). Reserving up front keeps the
+/// ceiling a ceiling: otherwise the rows of every event queued but not yet
+/// decoded when the consumer pauses (up to a full writer queue) came on
+/// top of it.
+pub fn charge_for(event: &Event) -> usize {
+    event.size() + reserved_for_rows(event)
+}
+
+/// The part of [`charge_for`] reserved for the event's encoded rows.
+pub fn reserved_for_rows(event: &Event) -> usize {
+    event.payload.len()
+}
+
 /// Bytes taken from Kafka and not yet committed or dropped: the events,
 /// and the rows encoded from them.
 #[derive(Default)]

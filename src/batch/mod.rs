@@ -322,6 +322,7 @@ impl Batcher {
                     encoded_before = 0; // a fresh batch
                 }
                 lane.position = Some(event.offset + 1);
+                let reserved = crate::lane::reserved_for_rows(&event);
                 let started = Instant::now();
                 let message = lane.messages.len() as u32;
                 self.decoder
@@ -330,12 +331,18 @@ impl Batcher {
                 // The encoded rows are held until the commit too: they
                 // count against the same in-flight ceiling, and are
                 // released with the event bytes (through `lane.charged`
-                // and then the batch's `charged_bytes`).
+                // and then the batch's `charged_bytes`). The source
+                // reserved room for them when it took the event; their
+                // true size replaces the reservation.
                 let encoded_now = lane.gathered.bytes();
                 let encoded = encoded_now.saturating_sub(encoded_before);
-                self.in_flight.charge(encoded);
+                if encoded >= reserved {
+                    self.in_flight.charge(encoded - reserved);
+                } else {
+                    self.in_flight.release(reserved - encoded);
+                }
                 lane.messages.push(event);
-                lane.charged += charged + encoded;
+                lane.charged += charged - reserved + encoded;
                 lane.oldest.get_or_insert(tokio::time::Instant::now());
                 if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                     && let Some(batch) = lane.cut()
@@ -363,8 +370,6 @@ mod tests {
     use super::*;
     use crate::decode::Gathered;
     use crate::decode::testing::{TENANT, body, decoder, event};
-
-    const BYTES_PER_MESSAGE: usize = 100;
 
     /// A batcher over the test decoder, fed and drained by the test.
     struct Harness {
@@ -424,11 +429,12 @@ mod tests {
             let now = chrono::Utc::now().timestamp();
             let mut event = event(&body(&[serde_json::json!(now)]), Some(TENANT));
             event.offset = offset;
-            self.in_flight.charge(BYTES_PER_MESSAGE);
+            let charged = crate::lane::charge_for(&event);
+            self.in_flight.charge(charged);
             self.send(LaneEvent::Message {
                 epoch,
                 event,
-                charged: BYTES_PER_MESSAGE,
+                charged,
             })
             .await;
         }
@@ -494,6 +500,32 @@ mod tests {
         h.message(1, 1).await;
         assert_eq!(h.batch().await, (None, 1, vec![0]));
         assert_eq!(h.batch().await, (Some(1), 2, vec![1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_charged_its_events_and_the_true_size_of_its_rows() {
+        let mut h = Harness::start(2, 1 << 20, Duration::from_secs(60));
+        h.assign(1, None).await;
+        h.message(1, 0).await;
+        h.message(1, 1).await;
+        let batch = h.output.recv().await.expect("a batch");
+        let events: usize = batch.messages.iter().map(Event::size).sum();
+        let rows: usize = batch.segments.iter().map(|s| s.buf.len()).sum();
+        let reserved: usize = batch
+            .messages
+            .iter()
+            .map(crate::lane::reserved_for_rows)
+            .sum();
+        assert!(
+            rows > 0 && rows != reserved,
+            "the test needs rows unlike the reservation"
+        );
+        assert_eq!(
+            batch.charged_bytes,
+            events + rows,
+            "what was reserved for the rows is replaced by their encoded size"
+        );
+        assert_eq!(h.in_flight.get(), batch.charged_bytes);
     }
 
     #[tokio::test(start_paused = true)]

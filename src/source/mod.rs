@@ -936,7 +936,8 @@ fn take(
             .unwrap_or_default(),
         payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
     };
-    let charged = event.size();
+    // Charged for its rows too, before they exist: see `charge_for`.
+    let charged = crate::lane::charge_for(&event);
     in_flight.charge(charged);
     let lane_event = LaneEvent::Message {
         epoch,
