@@ -115,6 +115,20 @@ async fn the_scrape_after_a_run_matches_postgresql() {
         },
     )
     .await;
+    // Everything is committed, so the in-flight budget is all released:
+    // what the consumer charged each event when it took it (the event,
+    // and room for its rows) and the batcher's correction to the rows'
+    // encoded size (malformed events encode none) add up to what the
+    // batches released.
+    common::eventually(
+        "in-flight bytes back to 0",
+        Duration::from_secs(10),
+        || async {
+            let (_, scrape) = common::http_get(port, "/metrics").await;
+            scrape.lines().any(|line| line == "weir_in_flight_bytes 0")
+        },
+    )
+    .await;
     // Kafka commits happen every second; wait for one to be timed.
     common::eventually("a Kafka commit timed", Duration::from_secs(10), || async {
         let (_, scrape) = common::http_get(port, "/metrics").await;
