@@ -309,20 +309,22 @@ impl Batcher {
                         }
                     }
                 }
+                // The size its rows are expected to have (about the
+                // event's own), as the source reserved it.
+                let reserved = crate::lane::reserved_for_rows(&event);
                 // Cut before an event that would likely carry the batch
-                // past `max_bytes` (its rows are about its size): a
-                // segment buffer then stays within the ceiling instead
-                // of doubling past it for the last few rows.
+                // past `max_bytes`: a segment buffer then stays within
+                // the ceiling instead of doubling past it for the last
+                // few rows.
                 let mut encoded_before = lane.gathered.bytes();
                 if lane.gathered.rows > 0
-                    && encoded_before + event.payload.len() > self.max_bytes
+                    && encoded_before + reserved > self.max_bytes
                     && let Some(batch) = lane.cut()
                 {
                     self.send(batch).await;
                     encoded_before = 0; // a fresh batch
                 }
                 lane.position = Some(event.offset + 1);
-                let reserved = crate::lane::reserved_for_rows(&event);
                 let started = Instant::now();
                 let message = lane.messages.len() as u32;
                 self.decoder
