@@ -199,56 +199,81 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
     let Fixture {
         db, topics, group, ..
     } = Fixture::new("zombie", 4).await;
-    let mut sent = common::generate(
+    // Two rounds: the second is sent once both consumers share the
+    // partitions, so the one frozen then has a backlog of its own, and a
+    // batch in flight when it stops. (One round left that to timing: on a
+    // slow machine the freeze could fall while it held nothing to fence.)
+    let (mut early, mut late) = common::generate(
         Shape {
             seed: 12,
             ..Shape::default()
         },
         30_000,
-    );
-    let target = common::produce(&topics, &mut sent).await;
+    )
+    .split(10_000);
+    let early_target = common::produce(&topics, &mut early).await;
     let dir = test_dir("zombie");
 
     // Both in one consumer group. Short PostgreSQL timeouts: the frozen
     // process may hold an offset row locked mid-transaction, and it is
     // PostgreSQL that must end its session for the other to go on.
-    let timeouts = |text: String| {
+    let config = |port: u16| {
+        let text = small_batches(common::config_text(&db.schema, &topics, &group, ""), port);
         let mut table: toml::Table = toml::from_str(&text).expect("config");
         let postgres = table["postgres"].as_table_mut().expect("postgres");
         postgres.insert("statement_timeout_ms".into(), 8000.into());
         postgres.insert("idle_in_transaction_timeout_ms".into(), 4000.into());
         toml::to_string(&table).expect("config")
     };
-    let first_text = timeouts(small_batches(
-        common::config_text(&db.schema, &topics, &group, ""),
-        common::free_port(),
-    ));
-    let second_text = timeouts(small_batches(
-        common::config_text(&db.schema, &topics, &group, ""),
-        common::free_port(),
-    ));
-    let first = Weir::start(&dir, "first", &first_text);
-    wait_until_stored(&db, &group, target / 10).await;
-    let mut second = Weir::start(&dir, "second", &second_text);
-    // Let them share the partitions, then freeze the first one mid-work:
-    // its session times out and the group gives its partitions to the second.
-    wait_until_stored(&db, &group, target / 4).await;
+    let (first_port, second_port) = (common::free_port(), common::free_port());
+    let first = Weir::start(&dir, "first", &config(first_port));
+    wait_until_stored(&db, &group, early_target / 10).await;
+    let mut second = Weir::start(&dir, "second", &config(second_port));
+    common::eventually(
+        "both consumers own partitions",
+        Duration::from_secs(60),
+        || async {
+            scrape(first_port, "weir_assigned_partitions").await > 0.0
+                && scrape(second_port, "weir_assigned_partitions").await > 0.0
+        },
+    )
+    .await;
+    // Both topics' 4 partitions.
+    let partitions = 8.0;
+    common::produce(&topics, &mut late).await;
+    let sent = early.join(late);
+    let target = sent.target();
+    // Freeze the first mid-work, with a cut batch on its way to PostgreSQL:
+    // its session times out and the group gives its partitions away.
+    common::eventually(
+        "the first consumer has a batch in flight",
+        Duration::from_secs(60),
+        || async { scrape(first_port, "weir_in_flight_rows").await > 0.0 },
+    )
+    .await;
     first.signal("STOP");
     let frozen_at = stored(&db, &group).await;
     // The group evicts the frozen member after its session timeout (6 s),
     // and PostgreSQL ends its sessions (statement and idle-in-transaction
     // timeouts); under a loaded machine the broker may take a while longer.
     let took_over = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if stored(&db, &group).await > frozen_at {
-                return;
-            }
+        while scrape(second_port, "weir_assigned_partitions").await < partitions {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await;
+    assert!(
+        took_over.is_ok(),
+        "the second consumer took over every partition while the first was frozen:\n{}",
+        second.log()
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let progressed = stored(&db, &group).await;
+    assert!(
+        progressed > frozen_at,
+        "the second consumer went on past {frozen_at} while the first was frozen:\n{}",
+        second.log()
+    );
     // Thaw it: whatever it was about to commit must not be written again.
     // Only what it logs from here on shows the fencing (a batch fenced
     // before the freeze proves nothing about the zombie).
@@ -259,10 +284,6 @@ async fn a_frozen_consumer_that_wakes_up_is_fenced() {
     assert!(first.terminate().success(), "{}", first.log());
     assert!(second.terminate().success(), "{}", second.log());
     println!("frozen at {frozen_at}, the other consumer went on to {progressed} of {target}");
-    assert!(
-        took_over.is_ok() && progressed > frozen_at,
-        "the second consumer took over while the first was frozen"
-    );
     let after_thaw = first
         .log()
         .get(log_before_thaw..)
