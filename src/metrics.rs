@@ -32,6 +32,7 @@ pub const OFFSET_RESETS: &str = "weir_offset_resets_total";
 pub const CONSUMER_LAG: &str = "weir_consumer_lag";
 pub const IN_FLIGHT_BYTES: &str = "weir_in_flight_bytes";
 pub const IN_FLIGHT_ROWS: &str = "weir_in_flight_rows";
+pub const KAFKA_PREFETCHED_BYTES: &str = "weir_kafka_prefetched_bytes";
 pub const PAUSED_PARTITIONS: &str = "weir_paused_partitions";
 pub const BACKPRESSURE_PAUSES: &str = "weir_backpressure_pauses_total";
 pub const ASSIGNED_PARTITIONS: &str = "weir_assigned_partitions";
@@ -64,6 +65,7 @@ pub const ALL: &[&str] = &[
     CONSUMER_LAG,
     IN_FLIGHT_BYTES,
     IN_FLIGHT_ROWS,
+    KAFKA_PREFETCHED_BYTES,
     PAUSED_PARTITIONS,
     BACKPRESSURE_PAUSES,
     ASSIGNED_PARTITIONS,
@@ -221,6 +223,13 @@ fn describe() {
         IN_FLIGHT_ROWS,
         Unit::Count,
         "Rows cut into batches and not yet committed"
+    );
+    describe_gauge!(
+        KAFKA_PREFETCHED_BYTES,
+        Unit::Bytes,
+        "Message bytes librdkafka has fetched ahead and weir has not taken yet, over the \
+         assigned partitions (bounded by queued.max.messages.kbytes per partition; outside \
+         max_in_flight_bytes)"
     );
     describe_gauge!(
         PARTITION_WRITER,

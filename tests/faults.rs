@@ -502,6 +502,14 @@ async fn partitions_revoked_while_paused_are_fetched_when_they_come_back() {
         || async { scrape(a_port, "weir_consumer_lag").await > 0.0 },
     )
     .await;
+    // What the client fetched ahead of the paused partitions is memory
+    // outside the in-flight budget, and is reported.
+    common::eventually(
+        "the first pod reports what its client prefetched",
+        Duration::from_secs(30),
+        || async { scrape(a_port, "weir_kafka_prefetched_bytes").await > 0.0 },
+    )
+    .await;
     // The second pod joins: the group moves partitions while they are paused.
     let mut b = Weir::start(&dir, "b", &pod(b_port));
     common::eventually(

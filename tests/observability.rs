@@ -129,6 +129,19 @@ async fn the_scrape_after_a_run_matches_postgresql() {
         },
     )
     .await;
+    // ... and the client holds nothing fetched ahead (its statistics come
+    // every 5 s).
+    common::eventually(
+        "prefetched bytes reported and back to 0",
+        Duration::from_secs(15),
+        || async {
+            let (_, scrape) = common::http_get(port, "/metrics").await;
+            scrape
+                .lines()
+                .any(|line| line == "weir_kafka_prefetched_bytes 0")
+        },
+    )
+    .await;
     // Kafka commits happen every second; wait for one to be timed.
     common::eventually("a Kafka commit timed", Duration::from_secs(10), || async {
         let (_, scrape) = common::http_get(port, "/metrics").await;

@@ -343,8 +343,15 @@ impl ClientContext for WeirContext {
             .any(|broker| broker.nodeid >= 0 && broker.state == "UP");
         self.health.kafka_reachable(up);
         let mut state = self.state();
+        let mut prefetched = 0u64;
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
+                if *partition >= 0 {
+                    // Memory weir's in-flight budget does not see: what the
+                    // client has fetched ahead (every partition it still
+                    // holds a queue for, assigned or on its way out).
+                    prefetched += p.fetchq_size;
+                }
                 if *partition < 0 || p.hi_offset < 0 {
                     continue;
                 }
@@ -367,6 +374,7 @@ impl ClientContext for WeirContext {
                     .set(lag as f64);
             }
         }
+        gauge!(m::KAFKA_PREFETCHED_BYTES).set(prefetched as f64);
     }
 }
 
