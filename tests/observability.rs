@@ -40,6 +40,12 @@ fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Whether weir's /metrics on `port` has exactly the sample line `line`.
+async fn scrape_shows(port: u16, line: &str) -> bool {
+    let (_, scrape) = common::http_get(port, "/metrics").await;
+    scrape.lines().any(|l| l == line)
+}
+
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(args)
@@ -120,26 +126,16 @@ async fn the_scrape_after_a_run_matches_postgresql() {
     // and room for its rows) and the batcher's correction to the rows'
     // encoded size (malformed events encode none) add up to what the
     // batches released.
-    common::eventually(
-        "in-flight bytes back to 0",
-        Duration::from_secs(10),
-        || async {
-            let (_, scrape) = common::http_get(port, "/metrics").await;
-            scrape.lines().any(|line| line == "weir_in_flight_bytes 0")
-        },
-    )
+    common::eventually("in-flight bytes back to 0", Duration::from_secs(10), || {
+        scrape_shows(port, "weir_in_flight_bytes 0")
+    })
     .await;
     // ... and the client holds nothing fetched ahead (its statistics come
     // every 5 s).
     common::eventually(
         "prefetched bytes reported and back to 0",
         Duration::from_secs(15),
-        || async {
-            let (_, scrape) = common::http_get(port, "/metrics").await;
-            scrape
-                .lines()
-                .any(|line| line == "weir_kafka_prefetched_bytes 0")
-        },
+        || scrape_shows(port, "weir_kafka_prefetched_bytes 0"),
     )
     .await;
     // Kafka commits happen every second; wait for one to be timed.
