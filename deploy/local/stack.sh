@@ -5,6 +5,7 @@
 #   deploy/local/stack.sh up       install what is missing, start both, print the settings
 #   deploy/local/stack.sh env      print the settings (as `export` lines) without starting anything
 #   deploy/local/stack.sh status   say what runs
+#   deploy/local/stack.sh prune    drop the schemas tests left in its database (the suite runs it first)
 #   deploy/local/stack.sh down     stop both (data is kept; tansu's is in memory and goes)
 #   deploy/local/stack.sh destroy  stop both and delete the PostgreSQL data directory
 #   deploy/local/stack.sh postgres-up | postgres-stop | postgres-destroy
@@ -288,6 +289,26 @@ stop_all() {
   fi
 }
 
+# Drops the schemas tests made in the stack's database. Each test works in
+# a schema of its own named <prefix>_<pid>_<hex> and leaves it there (a
+# failed test's tables stay to look at); the test suite prunes them before
+# it runs, so they do not pile up run after run.
+prune_test_schemas() {
+  pg_running || die "PostgreSQL is not running in $PG_DATA"
+  local psql schemas count=0
+  psql=("$(pg_bindir)/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$PG_DB" -qtA -v ON_ERROR_STOP=1)
+  schemas=$("${psql[@]}" -c "SELECT nspname FROM pg_namespace
+                             WHERE nspname ~ '^[a-z][a-z0-9_-]*_[0-9]+_[0-9a-f]{1,8}\$'")
+  for schema in $schemas; do
+    # One schema per statement: a whole run's schemas in one transaction
+    # would need more locks than max_locks_per_transaction allows.
+    "${psql[@]}" -c "SET client_min_messages = warning; DROP SCHEMA \"$schema\" CASCADE" ||
+      die "could not drop schema $schema"
+    count=$((count + 1))
+  done
+  log "dropped $count test schema(s)"
+}
+
 case "${1:-up}" in
 up)
   ensure_postgres_installed
@@ -298,6 +319,9 @@ up)
   ;;
 env)
   print_env
+  ;;
+prune)
+  prune_test_schemas
   ;;
 status)
   if pg_bindir >/dev/null && pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
@@ -339,7 +363,7 @@ postgres-destroy)
   rm -rf "$STACK_DIR"
   ;;
 *)
-  echo "usage: $0 up|env|status|down|destroy|postgres-up|postgres-stop|postgres-restart|postgres-destroy" >&2
+  echo "usage: $0 up|env|prune|status|down|destroy|postgres-up|postgres-stop|postgres-restart|postgres-destroy" >&2
   exit 2
   ;;
 esac
