@@ -201,14 +201,63 @@ pub async fn connect(
 /// when `hostaddr` is given). A server that offers no TLS is refused, never
 /// used in plaintext: [`connect`] raises the URL's `sslmode` to `require`.
 fn tls_connector(config: &PostgresConfig) -> Result<MakeTlsConnector, ConfigError> {
+    let ca = config
+        .tls_ca_file
+        .as_deref()
+        .map(|path| Ok::<_, ConfigError>((path, read_ca_file(path)?)))
+        .transpose()?;
+    let mut connector = MakeTlsConnector::new(ssl_connector(ca)?);
+    if config.tls_ca_file.is_none() {
+        connector.set_callback(|connect, _| {
+            connect.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(connector)
+}
+
+fn read_ca_file(path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|err| {
+        ConfigError::new(
+            "postgres.tls_ca_file",
+            format!("{path}: cannot read: {err}"),
+        )
+    })
+}
+
+/// The OpenSSL connector for a CA file's bytes (`None`: no CA file).
+///
+/// Building one costs about 80 ms of CPU, most of it OpenSSL decoding every
+/// certificate of the system's trust store (which `SslConnector::builder`
+/// loads, even where weir then replaces it or does not verify). weir opens
+/// sessions at start, on every reconnect and for maintenance, so the last
+/// connector built is kept and reused while the CA file holds the same
+/// bytes. The file is read at every connect: a rotated CA is trusted from
+/// the next session on.
+fn ssl_connector(ca: Option<(&str, Vec<u8>)>) -> Result<SslConnector, ConfigError> {
+    static LAST: std::sync::Mutex<Option<(Option<Vec<u8>>, SslConnector)>> =
+        std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let pem = ca.as_ref().map(|(_, pem)| pem.clone());
+    if let Some((built_for, connector)) = last.as_ref()
+        && *built_for == pem
+    {
+        return Ok(connector.clone());
+    }
+    let connector = build_ssl_connector(ca.as_ref().map(|(path, pem)| (*path, &pem[..])))?;
+    *last = Some((pem, connector.clone()));
+    Ok(connector)
+}
+
+/// A connector trusting only the CA certificates in `pem` (read from
+/// `path`), or, without a CA, one that encrypts without verifying.
+fn build_ssl_connector(ca: Option<(&str, &[u8])>) -> Result<SslConnector, ConfigError> {
     let field = "postgres.tls_ca_file";
     let mut builder = SslConnector::builder(SslMethod::tls())
         .map_err(|err| ConfigError::new(field, err.to_string()))?;
-    match &config.tls_ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|err| ConfigError::new(field, format!("{path}: cannot read: {err}")))?;
-            let certificates = X509::stack_from_pem(&pem).map_err(|err| {
+    match ca {
+        Some((path, pem)) => {
+            let certificates = X509::stack_from_pem(pem).map_err(|err| {
                 ConfigError::new(field, format!("{path}: not PEM certificates: {err}"))
             })?;
             if certificates.is_empty() {
@@ -238,14 +287,7 @@ fn tls_connector(config: &PostgresConfig) -> Result<MakeTlsConnector, ConfigErro
             builder.set_verify(SslVerifyMode::NONE);
         }
     }
-    let mut connector = MakeTlsConnector::new(builder.build());
-    if config.tls_ca_file.is_none() {
-        connector.set_callback(|connect, _| {
-            connect.set_verify_hostname(false);
-            Ok(())
-        });
-    }
-    Ok(connector)
+    Ok(builder.build())
 }
 
 /// The host names of a connection config (what the server's certificate
@@ -286,6 +328,73 @@ pub enum ConnectError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tls_connector_is_built_again_only_when_the_ca_file_changes() {
+        let pem = |cn: &str| {
+            let key =
+                openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+            let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+            name.append_entry_by_text("CN", cn).unwrap();
+            let name = name.build();
+            let mut cert = X509::builder().unwrap();
+            cert.set_subject_name(&name).unwrap();
+            cert.set_issuer_name(&name).unwrap();
+            cert.set_pubkey(&key).unwrap();
+            cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+                .unwrap();
+            cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+                .unwrap();
+            cert.sign(&key, openssl::hash::MessageDigest::sha256())
+                .unwrap();
+            cert.build().to_pem().unwrap()
+        };
+        // The subjects a connector trusts.
+        let trusted = |connector: &SslConnector| -> Vec<String> {
+            connector
+                .context()
+                .cert_store()
+                .all_certificates()
+                .iter()
+                .map(|c| format!("{:?}", c.subject_name()))
+                .collect()
+        };
+        let same = |a: &SslConnector, b: &SslConnector| std::ptr::eq(a.context(), b.context());
+        let (first_pem, second_pem) = (pem("first-ca"), pem("second-ca"));
+
+        let first = ssl_connector(Some(("ca.pem", first_pem.clone()))).unwrap();
+        assert_eq!(trusted(&first).len(), 1);
+        assert!(trusted(&first)[0].contains("first-ca"));
+        let again = ssl_connector(Some(("ca.pem", first_pem.clone()))).unwrap();
+        assert!(
+            same(&first, &again),
+            "the same CA bytes reuse the connector"
+        );
+
+        let rotated = ssl_connector(Some(("ca.pem", second_pem))).unwrap();
+        assert!(!same(&first, &rotated));
+        assert!(
+            trusted(&rotated)[0].contains("second-ca"),
+            "a rotated CA is trusted"
+        );
+
+        let plain = ssl_connector(None).unwrap();
+        assert!(
+            !same(&rotated, &plain),
+            "no CA file: a connector of its own"
+        );
+        assert!(same(&plain, &ssl_connector(None).unwrap()));
+
+        let Err(err) = ssl_connector(Some(("ca.pem", b"not a certificate".to_vec()))) else {
+            panic!("bad PEM is refused");
+        };
+        assert!(
+            err.to_string().contains("holds no PEM certificate"),
+            "{err}"
+        );
+        // A refused CA replaces nothing: the last good one is still reused.
+        assert!(same(&plain, &ssl_connector(None).unwrap()));
+    }
 
     #[test]
     fn sqlstates_are_classified_by_class_and_code() {
