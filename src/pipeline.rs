@@ -61,6 +61,21 @@ pub enum StartError {
     Other(String),
 }
 
+impl StartError {
+    /// A PostgreSQL failure that trying again may cure: the session was
+    /// lost, the server is shutting down or not accepting connections yet.
+    pub fn is_transient(&self) -> bool {
+        let db_error = match self {
+            StartError::Connect(ConnectError::Db(err))
+            | StartError::Catalog(CatalogError::Db(err))
+            | StartError::Db(err)
+            | StartError::Partition(PartitionError::Db(err)) => err,
+            _ => return false,
+        };
+        db::classify(db_error) == db::ErrorClass::Transient
+    }
+}
+
 // Conversions without `#[source]`: each message already says everything,
 // and a source would print it a second time in error chains.
 macro_rules! start_error_from {
@@ -160,15 +175,15 @@ pub async fn prepare(config: &Config, client: &mut Client) -> Result<Prepared, S
     })
 }
 
-/// Runs the pipeline until `shutdown` resolves.
-pub async fn run(
-    config: Arc<Config>,
-    shutdown: impl Future<Output = ()>,
-    metrics: Option<PrometheusHandle>,
-) -> Result<(), StartError> {
-    let url = config.require_database_url()?.to_string();
-    let mut control = db::connect(&url, &config.postgres, "control").await?;
-    let prepared = prepare(&config, &mut control).await?;
+/// Tries to start this many times before giving up (about a minute with
+/// the default `retry_max_ms`).
+const START_ATTEMPTS: u32 = 8;
+
+/// What starting needs from PostgreSQL: the tables read from the catalog,
+/// their next partitions made. Its session is closed when done.
+async fn start_up(config: &Config, url: &str) -> Result<Prepared, StartError> {
+    let mut control = db::connect(url, &config.postgres, "control").await?;
+    let prepared = prepare(config, &mut control).await?;
     let lock_timeout = Duration::from_millis(config.postgres.ddl_lock_timeout_ms);
     for (table, mapping) in prepared.tables.iter().zip(&prepared.mappings.tables) {
         if let Some(default) = &table.snapshot().default {
@@ -199,6 +214,39 @@ pub async fn run(
         false,
     )
     .await?;
+    Ok(prepared)
+}
+
+/// Runs the pipeline until `shutdown` resolves.
+pub async fn run(
+    config: Arc<Config>,
+    shutdown: impl Future<Output = ()>,
+    metrics: Option<PrometheusHandle>,
+) -> Result<(), StartError> {
+    let url = config.require_database_url()?.to_string();
+    tokio::pin!(shutdown);
+    // A session lost while starting (PostgreSQL restarting or failing
+    // over, a session terminated) is retried, as it would be later; what
+    // is wrong (config, schema, privileges) stops weir at once.
+    let mut attempt = 0u32;
+    let prepared = loop {
+        let error = match start_up(&config, &url).await {
+            Ok(prepared) => break prepared,
+            Err(error) => error,
+        };
+        attempt += 1;
+        if !error.is_transient() || attempt >= START_ATTEMPTS {
+            return Err(error);
+        }
+        let wait = Duration::from_millis(
+            (200u64 << attempt.min(8)).min(config.pipeline.retry_max_ms.max(200)),
+        );
+        tracing::warn!(%error, attempt, ?wait, "PostgreSQL failed while weir was starting: retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
 
     let writers = config.postgres.writers;
     let health = Arc::new(Health::new(writers));
@@ -287,7 +335,6 @@ pub async fn run(
             prepared.dead_letter_partitions.clone(),
         ))
     });
-    drop(control);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (consumer_done_tx, consumer_done_rx) = tokio::sync::oneshot::channel();
@@ -310,7 +357,6 @@ pub async fn run(
         })
         .map_err(|err| StartError::Other(format!("cannot start the consumer thread: {err}")))?;
 
-    tokio::pin!(shutdown);
     tokio::pin!(consumer_done_rx);
     let mut died = None;
     let early = tokio::select! {

@@ -588,11 +588,12 @@ async fn killed_postgres_sessions_cause_retries_never_dead_letters() {
     );
     let target = common::produce(&topics, &mut sent).await;
 
-    let running = Running::start(config);
+    let mut running = Running::start(config);
     let killer = common::connect(&common::stack().database_url).await;
     let mut killed = 0i64;
     let mut rounds = 0;
     loop {
+        running.assert_running().await;
         let stored = common::stored_offsets(&db).await;
         if stored >= target {
             break;

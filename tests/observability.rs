@@ -323,7 +323,7 @@ fn assert_known_metrics(file: &str, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_follows_postgresql_down_and_up() {
+async fn readiness_follows_postgresql_down_and_up_and_start_waits_for_it() {
     recorder();
     // A PostgreSQL of this test's own, so stopping it disturbs no other test.
     let dir = std::env::temp_dir().join(common::unique("readyz-pg"));
@@ -351,6 +351,9 @@ async fn readiness_follows_postgresql_down_and_up() {
         .expect("migrate");
     drop(client);
 
+    // weir started while PostgreSQL is down waits for it (a session lost
+    // while starting is retried), rather than exiting at once.
+    stack("postgres-stop");
     let http = common::free_port();
     config.http.listen = format!("127.0.0.1:{http}").parse().expect("address");
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -361,6 +364,13 @@ async fn readiness_follows_postgresql_down_and_up() {
         },
         Some(recorder()),
     ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !run.is_finished(),
+        "weir gave up at start while PostgreSQL was down: {:?}",
+        run.await
+    );
+    stack("postgres-up");
     common::eventually("ready", Duration::from_secs(60), || async {
         common::http_get(http, "/readyz").await.0 == 200
     })

@@ -647,6 +647,16 @@ impl Running {
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.port, path).await
     }
+
+    /// Panics with the pipeline's outcome if it has ended: for a test that
+    /// waits on the pipeline's progress, so it fails rather than waits on
+    /// a pipeline that is gone.
+    pub async fn assert_running(&mut self) {
+        if self.task.as_ref().is_some_and(|task| task.is_finished()) {
+            let outcome = self.task.take().expect("task").await;
+            panic!("the pipeline ended while the test waited on it: {outcome:?}");
+        }
+    }
 }
 
 impl Drop for Running {
