@@ -605,14 +605,16 @@ async fn replay_one(
     Ok(Replayed::Written(written))
 }
 
-fn headers_from_json(value: Option<&serde_json::Value>) -> Vec<(String, Option<Bytes>)> {
+fn headers_from_json(
+    value: Option<&serde_json::Value>,
+) -> Vec<(std::sync::Arc<str>, Option<Bytes>)> {
     let Some(serde_json::Value::Array(items)) = value else {
         return Vec::new();
     };
     items
         .iter()
         .filter_map(|item| {
-            let key = item.get("key")?.as_str()?.to_string();
+            let key = std::sync::Arc::from(item.get("key")?.as_str()?);
             let value = if let Some(text) = item.get("value").and_then(|v| v.as_str()) {
                 Some(Bytes::copy_from_slice(text.as_bytes()))
             } else {

@@ -16,7 +16,7 @@ pub struct Event {
     /// Milliseconds since the Unix epoch (create or log-append time).
     pub timestamp_ms: Option<i64>,
     pub key: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Vec<(Arc<str>, Option<Bytes>)>,
     pub payload: Bytes,
 }
 
@@ -25,7 +25,7 @@ impl Event {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|(key, _)| key == name)
+            .find(|(key, _)| &**key == name)
             .and_then(|(_, value)| value.as_deref())
     }
 

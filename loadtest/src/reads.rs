@@ -438,7 +438,7 @@ fn generate(
                 headers: produced
                     .headers
                     .iter()
-                    .map(|(k, v)| (k.to_string(), Some(Bytes::copy_from_slice(v.as_bytes()))))
+                    .map(|(k, v)| ((*k).into(), Some(Bytes::copy_from_slice(v.as_bytes()))))
                     .collect(),
                 payload: Bytes::from(produced.payload),
             };

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::segment::RowMeta;
+
 /// Segment buffers handed back after their batch is written, for the next
 /// batches of the same writer: reused memory is already mapped, so batches
 /// do not fault fresh pages in (and zero them) every time. The pool keeps at
@@ -17,14 +19,17 @@ pub struct BufferPool {
 #[derive(Debug, Default)]
 struct PoolInner {
     buffers: Vec<BytesMut>,
-    /// Capacity of `buffers`, summed.
+    /// Row indexes of written segments, emptied (their capacity counts in
+    /// `held` too).
+    rows: Vec<Vec<RowMeta>>,
+    /// Capacity of `buffers` and `rows`, summed, in bytes.
     held: usize,
     budget: usize,
 }
 
 impl BufferPool {
     /// Capacity of a fresh buffer.
-    const FRESH: usize = 256 * 1024;
+    pub const FRESH: usize = 256 * 1024;
 
     /// A pool keeping at most `budget` bytes of buffer capacity.
     pub fn new(budget: usize) -> Self {
@@ -51,6 +56,28 @@ impl BufferPool {
         }
     }
 
+    /// An empty row index, reused when one is held.
+    pub fn take_rows(&self) -> Vec<RowMeta> {
+        let mut inner = self.lock();
+        match inner.rows.pop() {
+            Some(rows) => {
+                inner.held -= rows_bytes(&rows);
+                rows
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Takes a written segment's row index back, when the budget has room.
+    pub fn give_rows(&self, mut rows: Vec<RowMeta>) {
+        rows.clear();
+        let mut inner = self.lock();
+        if inner.held + rows_bytes(&rows) <= inner.budget {
+            inner.held += rows_bytes(&rows);
+            inner.rows.push(rows);
+        }
+    }
+
     /// Takes a written segment's bytes back, when nothing else holds them
     /// and the budget has room.
     pub fn give(&self, bytes: Bytes) {
@@ -68,6 +95,10 @@ impl BufferPool {
     pub fn held(&self) -> usize {
         self.lock().held
     }
+}
+
+fn rows_bytes(rows: &Vec<RowMeta>) -> usize {
+    rows.capacity() * std::mem::size_of::<RowMeta>()
 }
 
 #[cfg(test)]
@@ -99,6 +130,35 @@ mod tests {
         let shared = Bytes::from(vec![1u8; 16]);
         let _clone = shared.clone();
         pool.give(shared);
+        assert_eq!(pool.held(), 0);
+    }
+
+    #[test]
+    fn row_indexes_are_reused_within_the_same_budget() {
+        let row = RowMeta {
+            start: 0,
+            time: 0,
+            message: 0,
+            item: 0,
+        };
+        let pool = BufferPool::new(64 * 1024);
+        let mut rows = pool.take_rows();
+        rows.resize(1000, row);
+        let capacity = rows.capacity();
+        let ptr = rows.as_ptr();
+        pool.give_rows(rows);
+        assert_eq!(pool.held(), capacity * std::mem::size_of::<RowMeta>());
+
+        // Handed back empty, with its capacity.
+        let reused = pool.take_rows();
+        assert!(reused.is_empty());
+        assert_eq!(reused.as_ptr(), ptr);
+        assert_eq!(pool.held(), 0);
+
+        // Past the budget, an index is dropped.
+        let mut huge = Vec::new();
+        huge.resize(10_000, row);
+        pool.give_rows(huge);
         assert_eq!(pool.held(), 0);
     }
 }

@@ -41,14 +41,22 @@ pub struct Segment {
 }
 
 impl Segment {
-    pub fn new(source: usize, table: usize, lo: i64, hi: i64) -> Self {
+    /// A segment writing into `buf` and `rows` (both empty).
+    pub fn new(
+        source: usize,
+        table: usize,
+        lo: i64,
+        hi: i64,
+        buf: BytesMut,
+        rows: Vec<RowMeta>,
+    ) -> Self {
         Segment {
             source,
             table,
             lo,
             hi,
-            buf: BytesMut::with_capacity(256 * 1024),
-            rows: Vec::new(),
+            buf,
+            rows,
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use bytes::BytesMut;
+
 use crate::copy::pool::BufferPool;
 use crate::copy::segment::Segment;
 use crate::event::DeadLetter;
@@ -30,11 +32,12 @@ impl Gathered {
     /// The segment for `source` and range `[lo, hi)`, created when missing.
     pub fn segment(&mut self, source: usize, table: usize, lo: i64, hi: i64) -> &mut Segment {
         let index = *self.lookup.entry((source, lo, hi)).or_insert_with(|| {
-            let mut segment = Segment::new(source, table, lo, hi);
-            if let Some(pool) = &self.pool {
-                segment.buf = pool.take();
-            }
-            self.segments.push(segment);
+            let (buf, rows) = match &self.pool {
+                Some(pool) => (pool.take(), pool.take_rows()),
+                None => (BytesMut::with_capacity(BufferPool::FRESH), Vec::new()),
+            };
+            self.segments
+                .push(Segment::new(source, table, lo, hi, buf, rows));
             self.segments.len() - 1
         });
         &mut self.segments[index]

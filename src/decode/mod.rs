@@ -470,12 +470,7 @@ pub(crate) mod testing {
             timestamp_ms: Some(1),
             key: None,
             headers: tenant
-                .map(|t| {
-                    vec![(
-                        "tenant".to_string(),
-                        Some(Bytes::copy_from_slice(t.as_bytes())),
-                    )]
-                })
+                .map(|t| vec![("tenant".into(), Some(Bytes::copy_from_slice(t.as_bytes())))])
                 .unwrap_or_default(),
             payload: Bytes::copy_from_slice(payload),
         }

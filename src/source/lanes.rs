@@ -51,6 +51,8 @@ pub(super) struct Lanes {
     /// order (a lane always has the same writer, so its order is kept).
     pub held: Vec<VecDeque<LaneEvent>>,
     topics: HashMap<String, Arc<str>>,
+    /// Copies of the bytes of the messages taken.
+    pub arena: super::arena::Arena,
     /// Offsets committed in PostgreSQL and not yet in Kafka, with the epoch
     /// that committed them.
     pub pending_commits: HashMap<LaneKey, (u64, i64)>,
@@ -78,6 +80,7 @@ impl Lanes {
             next_epoch: 1,
             held: (0..writers).map(|_| VecDeque::new()).collect(),
             topics: HashMap::new(),
+            arena: super::arena::Arena::default(),
             pending_commits: HashMap::new(),
             over_budget: false,
             blocked: vec![false; writers],

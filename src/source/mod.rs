@@ -28,7 +28,6 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use metrics::{counter, gauge};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -49,6 +48,7 @@ use crate::store::offsets::OffsetStore;
 
 use crate::lane::{InFlight, LaneEvent, Request};
 
+mod arena;
 mod lanes;
 
 use lanes::{LaneKey, Lanes};
@@ -932,17 +932,20 @@ fn take(
         partition,
         offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),
-        key: message.key().map(Bytes::copy_from_slice),
+        key: message.key().map(|key| state.arena.copy(key)),
         headers: message
             .headers()
             .map(|headers| {
                 headers
                     .iter()
-                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                    .map(|h| {
+                        let name = state.arena.name(h.key);
+                        (name, h.value.map(|value| state.arena.copy(value)))
+                    })
                     .collect()
             })
             .unwrap_or_default(),
-        payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+        payload: state.arena.copy(message.payload().unwrap_or_default()),
     };
     // Charged for its rows too, before they exist: see `charge_for`.
     let charged = crate::lane::charge_for(&event);

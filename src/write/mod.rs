@@ -122,6 +122,7 @@ impl Writer {
             writing.record(started.elapsed().as_secs_f64());
             for segment in batch.segments {
                 self.pool.give(segment.buf);
+                self.pool.give_rows(segment.rows);
             }
         }
         tracing::debug!(writer = self.index, "writer finished");
