@@ -114,6 +114,142 @@ impl<'a> Json<'a> {
     }
 }
 
+/// A string or key holding U+0000, which `jsonb` refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldsNul;
+
+impl Json<'_> {
+    /// Appends the value's compact JSON text to `out`: the very bytes
+    /// `serde_json::to_writer` writes (members in document order), without
+    /// going through a serializer and an `io::Write` for every token. With
+    /// `refuse_nul`, stops with [`HoldsNul`] at the first string or key
+    /// holding U+0000; what was appended by then is partial, and the caller
+    /// truncates it.
+    pub fn write_compact(&self, out: &mut Vec<u8>, refuse_nul: bool) -> Result<(), HoldsNul> {
+        match self {
+            Json::Null => out.extend_from_slice(b"null"),
+            Json::Bool(true) => out.extend_from_slice(b"true"),
+            Json::Bool(false) => out.extend_from_slice(b"false"),
+            Json::Number(n) => {
+                if let Some(n) = n.as_u64() {
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                } else if let Some(n) = n.as_i64() {
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                } else {
+                    // A float: serde_json's own formatting of it.
+                    use std::io::Write as _;
+                    // Writing into a Vec cannot fail.
+                    let _ = write!(out, "{n}");
+                }
+            }
+            Json::String(s) => write_string(out, s, refuse_nul)?,
+            Json::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.write_compact(out, refuse_nul)?;
+                }
+                out.push(b']');
+            }
+            Json::Object(object) => {
+                out.push(b'{');
+                for (i, (key, value)) in object.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_string(out, key, refuse_nul)?;
+                    out.push(b':');
+                    value.write_compact(out, refuse_nul)?;
+                }
+                out.push(b'}');
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a byte is written inside a JSON string: 0 as itself, `u` as a
+/// `\u00XX` escape, any other as a backslash and that letter. The same
+/// choices as serde_json's compact formatter.
+static ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0a] = b'n';
+    table[0x0c] = b'f';
+    table[0x0d] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+fn write_string(out: &mut Vec<u8>, s: &str, refuse_nul: bool) -> Result<(), HoldsNul> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut run = 0;
+    while let Some(at) = next_escape(bytes, run) {
+        out.extend_from_slice(&bytes[run..at]);
+        let byte = bytes[at];
+        match ESCAPE[byte as usize] {
+            b'u' => {
+                if byte == 0 && refuse_nul {
+                    return Err(HoldsNul);
+                }
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(byte >> 4) as usize],
+                    HEX[(byte & 0xf) as usize],
+                ]);
+            }
+            escape => out.extend_from_slice(&[b'\\', escape]),
+        }
+        run = at + 1;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
+    Ok(())
+}
+
+/// Where the next byte at or after `from` that must be escaped is. Most
+/// strings have none: eight bytes are checked at a time.
+fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Whether any byte of `word` is zero; exact (no byte is reported when
+    // none is zero), since `word`'s own high bits are masked out.
+    let any_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS != 0;
+    let mut at = from;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        // Below 0x20: every byte minus 0x20 borrows into its high bit only
+        // if it was below 0x20 (or 0x80 and up, masked out by `!word`).
+        let control = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+        if control
+            || any_zero(word ^ (ONES * b'"' as u64))
+            || any_zero(word ^ (ONES * b'\\' as u64))
+        {
+            break;
+        }
+        at += 8;
+    }
+    bytes[at..]
+        .iter()
+        .position(|byte| ESCAPE[*byte as usize] != 0)
+        .map(|offset| at + offset)
+}
+
 impl From<serde_json::Value> for Json<'static> {
     fn from(value: serde_json::Value) -> Self {
         match value {
@@ -335,6 +471,52 @@ mod tests {
             doc.to_string(),
             r#"{"plain":"abc","escA":"x\ty","k":1,"k":2}"#
         );
+    }
+
+    #[test]
+    fn compact_text_is_byte_for_byte_serde_jsons() {
+        let mut texts: Vec<String> = TEXTS.iter().map(|t| t.to_string()).collect();
+        texts.extend([
+            r#"{"ctl":"\u0001\u001f\b\f\n\r\t\"\\/\u007f","é":"\u00e9 ü 😀"}"#.to_string(),
+            r#"[0.1,-0.0,1e-7,123456789012345678901234567890,-9223372036854775808,2.5e300]"#
+                .to_string(),
+            r#"{"a":{},"b":[],"c":[[]],"d":{"e":{"f":null}},"":""}"#.to_string(),
+            r#"{"nul":"a\u0000b","k":1,"k":true}"#.to_string(),
+        ]);
+        for text in &texts {
+            let Ok(doc) = Json::parse(text) else { continue };
+            let mut ours = b"prefix".to_vec();
+            doc.write_compact(&mut ours, false).unwrap();
+            let theirs = serde_json::to_vec(&doc).unwrap();
+            assert_eq!(&ours[6..], &theirs[..], "{text}");
+            assert_eq!(
+                doc.write_compact(&mut Vec::new(), true).is_err(),
+                doc.contains_nul(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_wherever_the_byte_falls_in_a_word() {
+        // Each escaped byte at every position of a 24-byte string, beside
+        // multi-byte characters, so the eight-byte scan meets it at every
+        // offset within a word (and in the tail after the last word).
+        for special in ['\u{0}', '\u{1f}', '"', '\\', '\n', '\u{7f}', 'é', ' ', '~'] {
+            for at in 0..24 {
+                let mut text: Vec<char> = "abcdefghijklmnopqrstuvwx".chars().collect();
+                text[at] = special;
+                let text: String = text.into_iter().collect();
+                let doc = Json::String(Cow::Borrowed(&text));
+                let mut ours = Vec::new();
+                doc.write_compact(&mut ours, false).unwrap();
+                assert_eq!(ours, serde_json::to_vec(&text).unwrap(), "{text:?}");
+                assert_eq!(
+                    doc.write_compact(&mut Vec::new(), true).is_err(),
+                    special == '\u{0}'
+                );
+            }
+        }
     }
 
     #[test]

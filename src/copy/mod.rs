@@ -255,16 +255,13 @@ fn encode_value(
             }
             match input {
                 Input::Json(value) => {
-                    // Serialized into a reused scratch buffer, checked for
-                    // an escaped NUL on the way (jsonb refuses U+0000),
-                    // then appended in one piece.
+                    // Written into a reused scratch buffer (jsonb refuses
+                    // U+0000), then appended in one piece.
                     SCRATCH.with_borrow_mut(|scratch| {
                         scratch.clear();
-                        serde_json::to_writer(&mut *scratch, value)
-                            .map_err(|err| FieldError::Invalid(err.to_string()))?;
-                        if *ty == PgType::Jsonb && has_escaped_nul(scratch) {
-                            return Err(FieldError::NulCharacter);
-                        }
+                        value
+                            .write_compact(scratch, *ty == PgType::Jsonb)
+                            .map_err(|_| FieldError::NulCharacter)?;
                         buf.put_slice(scratch);
                         Ok(())
                     })?;
@@ -610,28 +607,8 @@ pub fn encode_numeric(buf: &mut BytesMut, text: &str) -> Result<(), FieldError> 
 }
 
 thread_local! {
-    /// Scratch space for serializing JSON values.
+    /// Scratch space for writing JSON values.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// True when serialized JSON text holds the escape `\u0000` (an escaped
-/// backslash followed by `u0000` does not count).
-pub fn has_escaped_nul(json: &[u8]) -> bool {
-    // Walk the backslashes: each either starts an escape (and the next byte
-    // is what is escaped) or is itself escaped by the one before.
-    let mut at = 0;
-    while let Some(found) = json[at..].iter().position(|b| *b == b'\\') {
-        let escape = at + found;
-        if json[escape + 1..].starts_with(b"u0000") {
-            return true;
-        }
-        // Skip the escaped byte (another backslash, a quote, `u`...).
-        at = escape + 2;
-        if at >= json.len() {
-            break;
-        }
-    }
-    false
 }
 
 fn wrong(expected: &str, got: Input<'_>) -> FieldError {
@@ -801,21 +778,6 @@ mod tests {
         );
         // json (not jsonb) keeps the escape as text.
         assert!(encode(&PgType::Json, Input::Json(&json!({"a": "\u{0}"}))).is_ok());
-    }
-
-    #[test]
-    fn escaped_nul_is_found_and_escaped_backslashes_are_not_mistaken_for_it() {
-        assert!(has_escaped_nul(br#"{"a":"x\u0000y"}"#));
-        assert!(has_escaped_nul(br#"{"a\u0000":1}"#));
-        assert!(
-            !has_escaped_nul(br#"{"a":"x\\u0000y"}"#),
-            "a backslash, then the text u0000"
-        );
-        assert!(
-            has_escaped_nul(br#"{"a":"x\\\u0000y"}"#),
-            "a backslash, then NUL"
-        );
-        assert!(!has_escaped_nul(br#"{"a":"plain"}"#));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Decode + mapping on arbitrary bytes, with the shipped configuration: no
 //! panic, every event accounted for (rows, dead letters or counted skip),
 //! and every row a well-formed binary COPY tuple of the mapping's width.
+//! Any JSON text weir reads is written back (for json and jsonb columns)
+//! byte for byte as serde_json writes it, and refused for jsonb exactly
+//! when it holds U+0000.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -112,6 +115,12 @@ fuzz_target!(|data: &[u8]| {
         headers: vec![("company_id".into(), header)],
         payload: Bytes::copy_from_slice(rest),
     };
+    if let Some(doc) = std::str::from_utf8(rest).ok().and_then(|t| weir::json::Json::parse(t).ok()) {
+        let mut ours = Vec::new();
+        doc.write_compact(&mut ours, false).expect("NUL is refused only when asked");
+        assert_eq!(ours, serde_json::to_vec(&doc).unwrap(), "compact text");
+        assert_eq!(doc.write_compact(&mut Vec::new(), true).is_err(), doc.contains_nul());
+    }
     let decoder = decoder();
     let mut out = Gathered::default();
     let outcome = decoder.decode(&event, 0, 1_763_800_000_000_000, &mut out);
