@@ -247,6 +247,25 @@ pub struct PipelineConfig {
     pub shutdown_grace_ms: u64,
 }
 
+impl PipelineConfig {
+    /// The backoff between retries after a transient PostgreSQL failure:
+    /// doubling from `retry_initial_ms` up to `retry_max_ms`, with 20%
+    /// jitter so pods that failed together do not retry together. Without
+    /// an end unless `give_up_after` is set.
+    pub fn retry_backoff(
+        &self,
+        give_up_after: Option<std::time::Duration>,
+    ) -> backoff::ExponentialBackoff {
+        backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(std::time::Duration::from_millis(self.retry_initial_ms))
+            .with_max_interval(std::time::Duration::from_millis(self.retry_max_ms))
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.2)
+            .with_max_elapsed_time(give_up_after)
+            .build()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EmptyEvents {

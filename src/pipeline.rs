@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use backoff::backoff::Backoff;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_postgres::Client;
 
@@ -175,9 +176,8 @@ pub async fn prepare(config: &Config, client: &mut Client) -> Result<Prepared, S
     })
 }
 
-/// Tries to start this many times before giving up (about a minute with
-/// the default `retry_max_ms`).
-const START_ATTEMPTS: u32 = 8;
+/// How long starting keeps retrying a lost PostgreSQL session.
+const START_RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// What starting needs from PostgreSQL: the tables read from the catalog,
 /// their next partitions made. Its session is closed when done.
@@ -228,20 +228,17 @@ pub async fn run(
     // A session lost while starting (PostgreSQL restarting or failing
     // over, a session terminated) is retried, as it would be later; what
     // is wrong (config, schema, privileges) stops weir at once.
-    let mut attempt = 0u32;
+    let mut backoff = config.pipeline.retry_backoff(Some(START_RETRY_FOR));
     let prepared = loop {
         let error = match start_up(&config, &url).await {
             Ok(prepared) => break prepared,
             Err(error) => error,
         };
-        attempt += 1;
-        if !error.is_transient() || attempt >= START_ATTEMPTS {
-            return Err(error);
-        }
-        let wait = Duration::from_millis(
-            (200u64 << attempt.min(8)).min(config.pipeline.retry_max_ms.max(200)),
-        );
-        tracing::warn!(%error, attempt, ?wait, "PostgreSQL failed while weir was starting: retrying");
+        let wait = match backoff.next_backoff() {
+            Some(wait) if error.is_transient() => wait,
+            _ => return Err(error),
+        };
+        tracing::warn!(%error, ?wait, "PostgreSQL failed while weir was starting: retrying");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = &mut shutdown => return Ok(()),

@@ -17,8 +17,8 @@ use bytes::{Bytes, BytesMut};
 #[derive(Debug, Default)]
 pub struct Arena {
     block: BytesMut,
-    /// Header names seen, shared. Producers use a handful, so a scan of a
-    /// short list beats hashing each name.
+    /// Topic and header names seen, shared. A consumer meets a handful, so
+    /// a scan of a short list beats hashing each name.
     names: Vec<Arc<str>>,
 }
 
@@ -28,8 +28,8 @@ impl Arena {
     /// straggler holds at most this much beyond its own bytes.
     pub const BLOCK: usize = 64 * 1024;
 
-    /// Distinct header names shared rather than copied for every message;
-    /// names beyond these (a producer inventing names) are copied.
+    /// Distinct names shared rather than copied for every message; names
+    /// beyond these (a producer inventing header names) are copied.
     const MAX_NAMES: usize = 32;
 
     /// A copy of `bytes`, as a view into the current block.
@@ -47,7 +47,7 @@ impl Arena {
         self.block.split().freeze()
     }
 
-    /// A header name, shared between the messages that carry it.
+    /// A topic or header name, shared between the messages that carry it.
     pub fn name(&mut self, name: &str) -> Arc<str> {
         if let Some(shared) = self.names.iter().find(|known| ***known == *name) {
             return shared.clone();

@@ -50,8 +50,8 @@ pub(super) struct Lanes {
     /// Events that could not be handed to their writer yet, per writer, in
     /// order (a lane always has the same writer, so its order is kept).
     pub held: Vec<VecDeque<LaneEvent>>,
-    topics: HashMap<String, Arc<str>>,
-    /// Copies of the bytes of the messages taken.
+    /// Copies of the bytes of the messages taken, and the topic and header
+    /// names they share.
     pub arena: super::arena::Arena,
     /// Offsets committed in PostgreSQL and not yet in Kafka, with the epoch
     /// that committed them.
@@ -79,7 +79,6 @@ impl Lanes {
             lanes: HashMap::new(),
             next_epoch: 1,
             held: (0..writers).map(|_| VecDeque::new()).collect(),
-            topics: HashMap::new(),
             arena: super::arena::Arena::default(),
             pending_commits: HashMap::new(),
             over_budget: false,
@@ -129,12 +128,7 @@ impl Lanes {
 
     /// One shared name per topic (every event carries it).
     pub fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some(interned) = self.topics.get(topic) {
-            return interned.clone();
-        }
-        let interned: Arc<str> = Arc::from(topic);
-        self.topics.insert(topic.to_string(), interned.clone());
-        interned
+        self.arena.name(topic)
     }
 
     /// The writer a new lane goes to: the one whose lanes hold the least

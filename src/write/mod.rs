@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender as StdSender;
 use std::time::Duration;
 
+use backoff::ExponentialBackoff;
 use backoff::backoff::Backoff;
-use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc::Receiver;
 
@@ -144,14 +144,7 @@ impl Writer {
     }
 
     fn backoff(&self) -> ExponentialBackoff {
-        let pipeline = &self.shared.config.pipeline;
-        ExponentialBackoffBuilder::new()
-            .with_initial_interval(Duration::from_millis(pipeline.retry_initial_ms))
-            .with_max_interval(Duration::from_millis(pipeline.retry_max_ms))
-            .with_multiplier(2.0)
-            .with_randomization_factor(0.2)
-            .with_max_elapsed_time(None)
-            .build()
+        self.shared.config.pipeline.retry_backoff(None)
     }
 
     async fn connect(&mut self) -> Result<(), String> {
