@@ -14,6 +14,15 @@
 //!
 //! Serialising a [`Json`] writes the members in document order (with any
 //! repeated key repeated), so a `json` column keeps the input's order.
+//!
+//! [`Json::parse`] reads with weir's own reader ([`read`]), which also keeps
+//! each array's and object's source text, so a `jsonb` column can take the
+//! input's own bytes instead of a re-serialisation. Whatever that reader
+//! declines (any error, and the rare shapes it leaves to serde_json) is read
+//! again by serde_json, whose verdict and error text stand; the decode fuzz
+//! target checks that both readers agree on every input.
+
+mod read;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -29,18 +38,67 @@ pub enum Json<'a> {
     Bool(bool),
     Number(Number),
     String(Cow<'a, str>),
-    Array(Vec<Json<'a>>),
+    Array(Array<'a>),
     Object(Object<'a>),
 }
 
-/// The members of a JSON object, in document order.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Object<'a>(Vec<(Cow<'a, str>, Json<'a>)>);
+/// The items of a JSON array, and its source text when it may be written
+/// as it is (see [`Json::source_text`]). Derefs to the items.
+#[derive(Debug, Clone, Default)]
+pub struct Array<'a> {
+    items: Vec<Json<'a>>,
+    text: Option<&'a str>,
+}
+
+impl<'a> From<Vec<Json<'a>>> for Array<'a> {
+    fn from(items: Vec<Json<'a>>) -> Self {
+        Array { items, text: None }
+    }
+}
+
+impl<'a> std::ops::Deref for Array<'a> {
+    type Target = [Json<'a>];
+
+    fn deref(&self) -> &[Json<'a>] {
+        &self.items
+    }
+}
+
+impl<'b, 'a> IntoIterator for &'b Array<'a> {
+    type Item = &'b Json<'a>;
+    type IntoIter = std::slice::Iter<'b, Json<'a>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.iter()
+    }
+}
+
+/// Equal values are equal whatever text they were read from.
+impl PartialEq for Array<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.items == other.items
+    }
+}
+
+/// The members of a JSON object, in document order, and its source text
+/// when it may be written as it is (see [`Json::source_text`]).
+#[derive(Debug, Clone, Default)]
+pub struct Object<'a> {
+    members: Vec<(Cow<'a, str>, Json<'a>)>,
+    text: Option<&'a str>,
+}
+
+/// Equal values are equal whatever text they were read from.
+impl PartialEq for Object<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.members == other.members
+    }
+}
 
 impl<'a> Object<'a> {
     /// The value of `key`. Of a key given twice, the last one counts.
     pub fn get(&self, key: &str) -> Option<&Json<'a>> {
-        self.0
+        self.members
             .iter()
             .rev()
             .find(|(name, _)| name == key)
@@ -49,23 +107,48 @@ impl<'a> Object<'a> {
 
     /// The members in document order (a repeated key appears each time).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
-        self.0.iter().map(|(key, value)| (key.as_ref(), value))
+        self.members
+            .iter()
+            .map(|(key, value)| (key.as_ref(), value))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.members.is_empty()
     }
 }
 
 impl<'a> Json<'a> {
-    /// Reads `text`, which must hold exactly one JSON value. Errors are
-    /// `serde_json`'s, including its nesting limit of 128.
+    /// Reads `text`, which must hold exactly one JSON value. What is
+    /// accepted, the values read and the errors are `serde_json`'s,
+    /// including its nesting limit of 128.
     pub fn parse(text: &'a str) -> Result<Json<'a>, serde_json::Error> {
+        // weir's reader accepts only what serde_json accepts, and reads the
+        // same values; anything it declines, serde_json decides.
+        read::read(text).or_else(|read::Declined| Json::parse_with_serde(text))
+    }
+
+    /// Reads `text` with `serde_json` alone: the reference [`Json::parse`]
+    /// agrees with. Arrays and objects read this way keep no source text.
+    pub fn parse_with_serde(text: &'a str) -> Result<Json<'a>, serde_json::Error> {
         serde_json::from_str(text)
+    }
+
+    /// The exact text this array or object was read from, when that text
+    /// may be given to PostgreSQL's `jsonb` as it is: nothing inside holds
+    /// U+0000 (which `jsonb` refuses) and every number is one `jsonb` reads
+    /// as written (no exponent of four or more digits, at most 1,000
+    /// characters). `None` for scalars, for values not read by
+    /// [`Json::parse`], and for any other array or object.
+    pub fn source_text(&self) -> Option<&'a str> {
+        match self {
+            Json::Array(array) => array.text,
+            Json::Object(object) => object.text,
+            _ => None,
+        }
     }
 
     pub fn is_null(&self) -> bool {
@@ -88,7 +171,7 @@ impl<'a> Json<'a> {
 
     pub fn as_array(&self) -> Option<&[Json<'a>]> {
         match self {
-            Json::Array(items) => Some(items),
+            Json::Array(array) => Some(array),
             _ => None,
         }
     }
@@ -257,14 +340,16 @@ impl From<serde_json::Value> for Json<'static> {
             serde_json::Value::Bool(b) => Json::Bool(b),
             serde_json::Value::Number(n) => Json::Number(n),
             serde_json::Value::String(s) => Json::String(Cow::Owned(s)),
-            serde_json::Value::Array(items) => {
-                Json::Array(items.into_iter().map(Json::from).collect())
-            }
-            serde_json::Value::Object(map) => Json::Object(Object(
-                map.into_iter()
+            serde_json::Value::Array(items) => Json::Array(Array::from(
+                items.into_iter().map(Json::from).collect::<Vec<_>>(),
+            )),
+            serde_json::Value::Object(map) => Json::Object(Object {
+                members: map
+                    .into_iter()
                     .map(|(key, value)| (Cow::Owned(key), Json::from(value)))
                     .collect(),
-            )),
+                text: None,
+            }),
         }
     }
 }
@@ -363,7 +448,7 @@ impl<'de> Visitor<'de> for ValueVisitor {
         while let Some(item) = seq.next_element()? {
             items.push(item);
         }
-        Ok(Json::Array(items))
+        Ok(Json::Array(Array::from(items)))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -371,7 +456,10 @@ impl<'de> Visitor<'de> for ValueVisitor {
         while let Some(Key(key)) = map.next_key()? {
             members.push((key, map.next_value()?));
         }
-        Ok(Json::Object(Object(members)))
+        Ok(Json::Object(Object {
+            members,
+            text: None,
+        }))
     }
 }
 
@@ -517,6 +605,191 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Texts at the edges of weir's reader: each must read exactly as
+    /// serde_json reads it, whether the reader accepts it or declines it.
+    const EDGES: &[&str] = &[
+        "-0",
+        "0.0",
+        "-9223372036854775808",
+        "-9223372036854775809",
+        "9999999999999999999",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1E2",
+        "1e+2",
+        "1e-400",
+        "1e-1000",
+        "01",
+        "-",
+        "1.",
+        ".5",
+        "1e",
+        "1e+",
+        "-01",
+        r#""\u00e9\u00E9""#,
+        r#""\ud83d\ude00""#,
+        r#""\ude00""#,
+        r#""\ud800\u0041""#,
+        r#""\ud800x""#,
+        r#""\u12""#,
+        r#""\x""#,
+        "\"a\u{1}b\"",
+        "\"a\u{7f}b\"",
+        r#""\/\b\f\n\r\t\"\\""#,
+        " \t\r\n[ 1 , { \"a\" : [ ] } ] \n",
+        "[1,]",
+        "[1 2]",
+        r#"{"a" 1}"#,
+        r#"{"a":1,}"#,
+        "{1:2}",
+        "{\"a\":1",
+        "nul",
+        "truex",
+        "true false",
+        "[\"unterminated",
+        "\u{feff}1",
+    ];
+
+    #[test]
+    fn weirs_reader_reads_what_serde_json_reads() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let (at_limit, past_limit, past_serde) = (deep(100), deep(101), deep(129));
+        let mut texts: Vec<&str> = EDGES.iter().chain(TEXTS).copied().collect();
+        texts.extend([at_limit.as_str(), past_limit.as_str(), past_serde.as_str()]);
+        let mut accepted = 0;
+        for text in texts {
+            let theirs = Json::parse_with_serde(text);
+            if let Ok(ours) = read::read(text) {
+                accepted += 1;
+                assert_eq!(Some(&ours), theirs.as_ref().ok(), "{text}");
+            }
+            match (Json::parse(text), theirs) {
+                (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{text}"),
+                (Err(ours), Err(theirs)) => {
+                    assert_eq!(ours.to_string(), theirs.to_string(), "{text}")
+                }
+                (ours, theirs) => panic!("`{text}`: ours {ours:?}, serde_json {theirs:?}"),
+            }
+        }
+        assert!(accepted >= 20, "the reader itself read {accepted} texts");
+        assert_eq!(read::read(&past_limit), Err(read::Declined));
+    }
+
+    /// The fuzz target's reader check, run by the test suite: the fuzz
+    /// seeds and the texts above, mutated the ways that reach the reader's
+    /// edges (escapes, surrogates, numbers, structure), read by both readers.
+    #[test]
+    fn weirs_reader_agrees_with_serde_json_on_mutated_texts() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+
+        const TOKENS: &[&str] = &[
+            "\\u0000",
+            "\\ud800",
+            "\\udc00",
+            "\\ud83d\\ude00",
+            "\\u00e9",
+            "\\",
+            "\"",
+            ",",
+            ":",
+            "[",
+            "]",
+            "{",
+            "}",
+            "-0",
+            "1e5",
+            "1E-400",
+            ".5",
+            "18446744073709551616",
+            "-9223372036854775809",
+            " ",
+            "\n",
+            "\u{1}",
+            "\u{7f}",
+            "é",
+            "null",
+            "tru",
+            "0",
+        ];
+        let seeds_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/seeds/decode");
+        let mut seeds: Vec<String> = std::fs::read_dir(seeds_dir)
+            .unwrap()
+            .map(|entry| {
+                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                // A fuzz input's first byte picks topic and header.
+                String::from_utf8(bytes[1..].to_vec()).unwrap()
+            })
+            .collect();
+        assert!(seeds.len() >= 3, "fuzz seeds in {seeds_dir}");
+        seeds.extend(EDGES.iter().chain(TEXTS).map(|t| t.to_string()));
+
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = seeds[rng.random_range(0..seeds.len())].clone();
+            for _ in 0..rng.random_range(1..=3) {
+                let mut at = rng.random_range(0..=text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                match rng.random_range(0..3) {
+                    0 => text.insert_str(at, TOKENS[rng.random_range(0..TOKENS.len())]),
+                    1 => {
+                        let mut end = (at + rng.random_range(1..4)).min(text.len());
+                        while !text.is_char_boundary(end) {
+                            end += 1;
+                        }
+                        text.replace_range(at..end, "");
+                    }
+                    _ => text.truncate(at),
+                }
+            }
+            let ours = Json::parse(&text);
+            let theirs = Json::parse_with_serde(&text);
+            match (&ours, &theirs) {
+                (Ok(ours), Ok(theirs)) => {
+                    accepted += 1;
+                    assert_eq!(ours, theirs, "{text}");
+                }
+                (Err(ours), Err(theirs)) => {
+                    refused += 1;
+                    assert_eq!(ours.to_string(), theirs.to_string(), "{text}")
+                }
+                _ => panic!("`{text}`: ours {ours:?}, serde_json {theirs:?}"),
+            }
+        }
+        // Both verdicts are exercised, not only one.
+        assert!(
+            accepted > 1_000 && refused > 1_000,
+            "{accepted} read, {refused} refused"
+        );
+    }
+
+    #[test]
+    fn arrays_and_objects_keep_their_text_unless_jsonb_would_read_it_otherwise() {
+        let text = r#" {"a": [1, {"b": "x\\u0000"}], "n": {"z": "a\u0000"}, "e": [1.5e10, 2E-300], "big": [1e-1000]} "#;
+        let doc = Json::parse(text).unwrap();
+        let source = |pointer: &str| {
+            let pointer = crate::decode::pointer::Pointer::parse(pointer).unwrap();
+            pointer.get(&doc).unwrap().source_text()
+        };
+        assert_eq!(
+            source("/a"),
+            Some(r#"[1, {"b": "x\\u0000"}]"#),
+            "escaped backslash"
+        );
+        assert_eq!(source("/e"), Some("[1.5e10, 2E-300]"));
+        assert_eq!(source("/n"), None, "holds U+0000");
+        assert_eq!(source("/big"), None, "a four-digit exponent");
+        assert_eq!(source(""), None, "holds what its members hold");
+        assert_eq!(source("/a/0"), None, "scalars are written by weir");
+        let plain = Json::parse(r#"  {"a" : [ true ,null] }"#).unwrap();
+        assert_eq!(plain.source_text(), Some(r#"{"a" : [ true ,null] }"#));
+        // Read by serde_json alone, nothing keeps its text.
+        assert_eq!(Json::parse_with_serde("[1]").unwrap().source_text(), None);
     }
 
     #[test]

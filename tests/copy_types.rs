@@ -353,3 +353,65 @@ async fn values_that_do_not_fit_are_refused_before_postgresql_sees_them() {
     assert_eq!(refuse(5, json!("a\u{0}b")), "nul_character");
     assert_eq!(refuse(5, json!({"an": "object"})), "wrong_type");
 }
+
+/// An object or array read from an event goes to `jsonb` as the event's own
+/// text: what PostgreSQL stores is exactly what it makes of that text.
+#[tokio::test]
+async fn jsonb_from_event_text_is_postgresqls_reading_of_that_text() {
+    let db = common::TestDb::new("rawjsonb").await;
+    db.client
+        .batch_execute("CREATE TABLE j (id int4, v jsonb)")
+        .await
+        .expect("table");
+    let info = weir::store::catalog::load_table(&db.client, "j", &db.schema)
+        .await
+        .expect("catalog");
+    let jsonb = info.columns[1].ty.clone().expect("supported");
+    let texts = [
+        r#"{ "a" : 1.50, "b" : [ 1e3, 2E-300, -0, 123456789012345678901234567890 ] }"#,
+        r#"{"esc": "\u00e9 \ud83d\ude00 \" \\ \/ \t", "not_nul": "\\u0000"}"#,
+        r#"{"k": 1, "k": 2, "nested": {"deep": [[{}], []]}}"#,
+        "[\n\t\"x\" ,\r\n null, true, false, -9223372036854775808\n]",
+    ];
+    let mut buf = BytesMut::new();
+    copy::write_header(&mut buf);
+    for (id, text) in texts.iter().enumerate() {
+        let value = weir::json::Json::parse(text).expect("JSON");
+        assert_eq!(value.source_text(), Some(text.trim()), "kept as written");
+        copy::begin_row(&mut buf, 2);
+        copy::write_field(
+            &mut buf,
+            &copy::PgType::Int4,
+            Input::Int(id as i64),
+            TimeUnit::Seconds,
+        )
+        .expect("id");
+        copy::write_field(&mut buf, &jsonb, Input::Json(&value), TimeUnit::Seconds).expect("jsonb");
+    }
+    buf.extend_from_slice(copy::COPY_TRAILER);
+    let sink = db
+        .client
+        .copy_in::<_, bytes::Bytes>("COPY j (id, v) FROM STDIN (FORMAT binary)")
+        .await
+        .expect("copy statement");
+    futures::pin_mut!(sink);
+    futures::SinkExt::send(&mut sink, buf.freeze())
+        .await
+        .expect("copy data");
+    sink.as_mut()
+        .finish()
+        .await
+        .expect("PostgreSQL took the COPY");
+    for (id, text) in texts.iter().enumerate() {
+        let row = db
+            .client
+            .query_one(
+                "SELECT v::text, $2::text::jsonb::text FROM j WHERE id = $1",
+                &[&(id as i32), text],
+            )
+            .await
+            .expect("read back");
+        let (stored, expected): (String, String) = (row.get(0), row.get(1));
+        assert_eq!(stored, expected, "{text}");
+    }
+}

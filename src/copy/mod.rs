@@ -254,18 +254,23 @@ fn encode_value(
                 buf.put_u8(1); // jsonb binary format version
             }
             match input {
-                Input::Json(value) => {
-                    // Written into a reused scratch buffer (jsonb refuses
-                    // U+0000), then appended in one piece.
-                    SCRATCH.with_borrow_mut(|scratch| {
+                Input::Json(value) => match value.source_text() {
+                    // An array or object read from the event, holding no
+                    // U+0000 and no number `jsonb` would refuse: the event's
+                    // own bytes (jsonb stores the same value whatever the
+                    // spacing, so this is the re-serialised value's jsonb).
+                    Some(text) if *ty == PgType::Jsonb => buf.put_slice(text.as_bytes()),
+                    // Anything else is written into a reused scratch buffer
+                    // (jsonb refuses U+0000), then appended in one piece.
+                    _ => SCRATCH.with_borrow_mut(|scratch| {
                         scratch.clear();
                         value
                             .write_compact(scratch, *ty == PgType::Jsonb)
                             .map_err(|_| FieldError::NulCharacter)?;
                         buf.put_slice(scratch);
                         Ok(())
-                    })?;
-                }
+                    })?,
+                },
                 Input::Str(s) => {
                     // A string source (header, key) holding JSON text.
                     let value =
@@ -778,6 +783,23 @@ mod tests {
         );
         // json (not jsonb) keeps the escape as text.
         assert!(encode(&PgType::Json, Input::Json(&json!({"a": "\u{0}"}))).is_ok());
+    }
+
+    #[test]
+    fn jsonb_of_an_event_value_is_the_events_own_text() {
+        let text = r#"{"a" : [1, "x", 1.50, {"b": "\u00e9"}], "nul": ["\u0000"]}"#;
+        let doc = Json::parse(text).unwrap();
+        let out = encode(&PgType::Jsonb, Input::Json(doc.get("a").unwrap())).unwrap();
+        assert_eq!(out[0], 1, "jsonb binary format version");
+        assert_eq!(&out[1..], br#"[1, "x", 1.50, {"b": "\u00e9"}]"#);
+        // json (not jsonb) is written compact, as before.
+        let out = encode(&PgType::Json, Input::Json(doc.get("a").unwrap())).unwrap();
+        assert_eq!(&out[..], r#"[1,"x",1.5,{"b":"é"}]"#.as_bytes());
+        // Holding U+0000, the value has no source text and is refused.
+        assert_eq!(
+            encode(&PgType::Jsonb, Input::Json(&doc)),
+            Err(FieldError::NulCharacter)
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! and every row a well-formed binary COPY tuple of the mapping's width.
 //! Any JSON text weir reads is written back (for json and jsonb columns)
 //! byte for byte as serde_json writes it, and refused for jsonb exactly
-//! when it holds U+0000.
+//! when it holds U+0000. weir's JSON reader agrees with serde_json on every
+//! input (verdict, values, error text), and any source text it keeps for a
+//! jsonb column reads back as the same value and holds no U+0000.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -11,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use weir::decode::Gathered;
+use weir::json::Json;
 use weir::event::Event;
 use weir::store::catalog::{ColumnInfo, TableInfo};
 use weir::config::{Config, EmptyEvents};
@@ -67,6 +70,20 @@ fn catalog(name: &str) -> TableInfo {
     }
 }
 
+/// Every array or object that keeps its source text (what a jsonb column is
+/// given as it is) holds no U+0000, and its text reads back as itself.
+fn check_source_texts(value: &Json<'_>) {
+    if let Some(text) = value.source_text() {
+        assert!(!value.contains_nul(), "source text kept for a value holding U+0000");
+        assert_eq!(&Json::parse_with_serde(text).expect("source text is JSON"), value);
+    }
+    match value {
+        Json::Array(items) => items.iter().for_each(check_source_texts),
+        Json::Object(members) => members.iter().for_each(|(_, v)| check_source_texts(v)),
+        _ => {}
+    }
+}
+
 fn decoder() -> &'static Decoder {
     static DECODER: OnceLock<Decoder> = OnceLock::new();
     DECODER.get_or_init(|| {
@@ -115,11 +132,23 @@ fuzz_target!(|data: &[u8]| {
         headers: vec![("company_id".into(), header)],
         payload: Bytes::copy_from_slice(rest),
     };
-    if let Some(doc) = std::str::from_utf8(rest).ok().and_then(|t| weir::json::Json::parse(t).ok()) {
-        let mut ours = Vec::new();
-        doc.write_compact(&mut ours, false).expect("NUL is refused only when asked");
-        assert_eq!(ours, serde_json::to_vec(&doc).unwrap(), "compact text");
-        assert_eq!(doc.write_compact(&mut Vec::new(), true).is_err(), doc.contains_nul());
+    if let Ok(text) = std::str::from_utf8(rest) {
+        // weir's reader (with its fallback) and serde_json alone: the same
+        // verdict, the same values, the same error text.
+        let ours = Json::parse(text);
+        let theirs = Json::parse_with_serde(text);
+        match (&ours, &theirs) {
+            (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "values read"),
+            (Err(ours), Err(theirs)) => assert_eq!(ours.to_string(), theirs.to_string()),
+            _ => panic!("verdicts differ: weir {ours:?}, serde_json {theirs:?}"),
+        }
+        if let Ok(doc) = ours {
+            let mut compact = Vec::new();
+            doc.write_compact(&mut compact, false).expect("NUL is refused only when asked");
+            assert_eq!(compact, serde_json::to_vec(&doc).unwrap(), "compact text");
+            assert_eq!(doc.write_compact(&mut Vec::new(), true).is_err(), doc.contains_nul());
+            check_source_texts(&doc);
+        }
     }
     let decoder = decoder();
     let mut out = Gathered::default();

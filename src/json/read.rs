@@ -1,0 +1,307 @@
+//! weir's reader of JSON text, for [`Json::parse`](super::Json::parse).
+//!
+//! It builds the same tree serde_json's visitor builds, with one addition:
+//! every array and object keeps the text it was read from, when that text
+//! may go to `jsonb` as it is. It only ever *accepts* what serde_json
+//! accepts, reading the same values. Anything else it declines, and the
+//! caller hands the text to serde_json, whose verdict and error text stand.
+//! It declines every error, nesting deeper than [`MAX_DEPTH`], and
+//! every number other than a plain integer that fits 64 bits; for the
+//! latter, serde_json reads the number's own text (so floats round exactly as
+//! serde_json rounds them).
+//!
+//! The text was checked to be UTF-8 before, so strings are only scanned
+//! for their quote, backslashes and control characters.
+
+use std::borrow::Cow;
+
+use super::{Array, Json, Object, next_escape};
+
+/// Nesting read here. serde_json allows 128: deeper texts are declined and
+/// serde_json reads them (or refuses them) itself.
+const MAX_DEPTH: usize = 100;
+
+/// A number longer than this, or whose exponent has more than
+/// [`MAX_EXPONENT_DIGITS`] digits, keeps its container from being written
+/// as it is: serde_json rounds it to a double, and PostgreSQL's `numeric`
+/// may refuse it as written.
+const MAX_RAW_NUMBER: usize = 1000;
+const MAX_EXPONENT_DIGITS: usize = 3;
+
+/// The reader did not accept the text; serde_json decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Declined;
+
+/// Reads `text`, which must hold exactly one JSON value.
+pub(super) fn read(text: &str) -> Result<Json<'_>, Declined> {
+    let mut reader = Reader {
+        text,
+        bytes: text.as_bytes(),
+        at: 0,
+    };
+    reader.skip_whitespace();
+    let (value, _) = reader.value(0)?;
+    reader.skip_whitespace();
+    if reader.at != reader.bytes.len() {
+        return Err(Declined);
+    }
+    Ok(value)
+}
+
+struct Reader<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+/// A value, and whether its text may go to `jsonb` as it is.
+type Read<'a> = Result<(Json<'a>, bool), Declined>;
+
+impl<'a> Reader<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let found = self.peek() == Some(byte);
+        self.at += found as usize;
+        found
+    }
+
+    /// JSON's four whitespace bytes, as serde_json skips them.
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Read<'a> {
+        match self.peek().ok_or(Declined)? {
+            b'{' => self.object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b'"' => {
+                let (text, holds_nul) = self.string()?;
+                Ok((Json::String(text), !holds_nul))
+            }
+            b't' => self.literal(b"true", Json::Bool(true)),
+            b'f' => self.literal(b"false", Json::Bool(false)),
+            b'n' => self.literal(b"null", Json::Null),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => Err(Declined),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], value: Json<'a>) -> Read<'a> {
+        if !self.bytes[self.at..].starts_with(word) {
+            return Err(Declined);
+        }
+        self.at += word.len();
+        Ok((value, true))
+    }
+
+    fn object(&mut self, depth: usize) -> Read<'a> {
+        if depth > MAX_DEPTH {
+            return Err(Declined);
+        }
+        let start = self.at;
+        self.at += 1; // `{`
+        let mut members = Vec::new();
+        let mut raw = true;
+        self.skip_whitespace();
+        if !self.eat(b'}') {
+            loop {
+                if self.peek() != Some(b'"') {
+                    return Err(Declined);
+                }
+                let (key, key_holds_nul) = self.string()?;
+                self.skip_whitespace();
+                if !self.eat(b':') {
+                    return Err(Declined);
+                }
+                self.skip_whitespace();
+                let (value, value_raw) = self.value(depth)?;
+                raw &= !key_holds_nul && value_raw;
+                members.push((key, value));
+                self.skip_whitespace();
+                if self.eat(b',') {
+                    self.skip_whitespace();
+                } else if self.eat(b'}') {
+                    break;
+                } else {
+                    return Err(Declined);
+                }
+            }
+        }
+        let text = raw.then(|| &self.text[start..self.at]);
+        Ok((Json::Object(Object { members, text }), raw))
+    }
+
+    fn array(&mut self, depth: usize) -> Read<'a> {
+        if depth > MAX_DEPTH {
+            return Err(Declined);
+        }
+        let start = self.at;
+        self.at += 1; // `[`
+        let mut items = Vec::new();
+        let mut raw = true;
+        self.skip_whitespace();
+        if !self.eat(b']') {
+            loop {
+                let (item, item_raw) = self.value(depth)?;
+                raw &= item_raw;
+                items.push(item);
+                self.skip_whitespace();
+                if self.eat(b',') {
+                    self.skip_whitespace();
+                } else if self.eat(b']') {
+                    break;
+                } else {
+                    return Err(Declined);
+                }
+            }
+        }
+        let text = raw.then(|| &self.text[start..self.at]);
+        Ok((Json::Array(Array { items, text }), raw))
+    }
+
+    /// A string at its opening quote: borrowed when it holds no escape, and
+    /// whether it holds U+0000.
+    fn string(&mut self) -> Result<(Cow<'a, str>, bool), Declined> {
+        self.at += 1; // `"`
+        let start = self.at;
+        let mut at = next_escape(self.bytes, start).ok_or(Declined)?;
+        if self.bytes[at] == b'"' {
+            self.at = at + 1;
+            // Quotes are ASCII: both ends are character boundaries.
+            return Ok((Cow::Borrowed(&self.text[start..at]), false));
+        }
+        let mut owned = String::with_capacity(at - start + 16);
+        let mut holds_nul = false;
+        let mut run = start;
+        loop {
+            owned.push_str(&self.text[run..at]);
+            match self.bytes[at] {
+                b'"' => {
+                    self.at = at + 1;
+                    return Ok((Cow::Owned(owned), holds_nul));
+                }
+                b'\\' => {
+                    let (ch, next) = self.escape(at + 1)?;
+                    holds_nul |= ch == '\0';
+                    owned.push(ch);
+                    run = next;
+                }
+                // A control character must be escaped in JSON.
+                _ => return Err(Declined),
+            }
+            at = next_escape(self.bytes, run).ok_or(Declined)?;
+        }
+    }
+
+    /// The escape whose letter is at `at`: its character and where the text
+    /// goes on. Surrogates must come as a high-low pair of `\u` escapes.
+    fn escape(&self, at: usize) -> Result<(char, usize), Declined> {
+        let ch = match *self.bytes.get(at).ok_or(Declined)? {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let high = self.hex4(at + 1)?;
+                return match high {
+                    0xD800..=0xDBFF => {
+                        if self.bytes.get(at + 5..at + 7) != Some(b"\\u") {
+                            return Err(Declined);
+                        }
+                        let low = self.hex4(at + 7)?;
+                        if !(0xDC00..=0xDFFF).contains(&low) {
+                            return Err(Declined);
+                        }
+                        let code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                        Ok((char::from_u32(code).ok_or(Declined)?, at + 11))
+                    }
+                    _ => Ok((char::from_u32(high).ok_or(Declined)?, at + 5)),
+                };
+            }
+            _ => return Err(Declined),
+        };
+        Ok((ch, at + 1))
+    }
+
+    /// Four hexadecimal digits at `at`.
+    fn hex4(&self, at: usize) -> Result<u32, Declined> {
+        let digits = self.bytes.get(at..at + 4).ok_or(Declined)?;
+        digits.iter().try_fold(0u32, |code, digit| {
+            let value = (*digit as char).to_digit(16).ok_or(Declined)?;
+            Ok(code << 4 | value)
+        })
+    }
+
+    fn number(&mut self) -> Read<'a> {
+        let start = self.at;
+        let negative = self.eat(b'-');
+        let digits_start = self.at;
+        match self.peek() {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => self.skip_digits(),
+            _ => return Err(Declined),
+        }
+        let digits = self.at - digits_start;
+        let mut plain = true;
+        if self.eat(b'.') {
+            plain = false;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(Declined);
+            }
+            self.skip_digits();
+        }
+        let mut exponent_digits = 0;
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            plain = false;
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            let exponent_start = self.at;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(Declined);
+            }
+            self.skip_digits();
+            let exponent = &self.bytes[exponent_start..self.at];
+            exponent_digits = exponent.iter().skip_while(|d| **d == b'0').count();
+        }
+        let text = &self.text[start..self.at];
+        let raw = text.len() <= MAX_RAW_NUMBER && exponent_digits <= MAX_EXPONENT_DIGITS;
+        // Up to 19 digits always fit a u64.
+        if plain && digits <= 19 {
+            let magnitude = self.bytes[digits_start..self.at]
+                .iter()
+                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+            if !negative {
+                return Ok((Json::Number(magnitude.into()), raw));
+            }
+            // serde_json reads `-0` as a float, and magnitudes past i64 as
+            // floats: those go to it below.
+            if (1..=1u64 << 63).contains(&magnitude) {
+                let value = (magnitude as i64).wrapping_neg();
+                return Ok((Json::Number(value.into()), raw));
+            }
+        }
+        // Any other number: serde_json's reading of its text, so the value
+        // is the one serde_json gives inside a document.
+        match Json::parse_with_serde(text) {
+            Ok(number @ Json::Number(_)) => Ok((number, raw)),
+            _ => Err(Declined),
+        }
+    }
+
+    fn skip_digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.at += 1;
+        }
+    }
+}
