@@ -23,7 +23,14 @@ fn case(input: Value, expected: &'static str) -> Case {
     }
 }
 
-async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
+/// Creates `t_<sql_type> (id int4, v <sql_type>)`, with the column's type
+/// resolved by weir's catalog, and COPYs `values` into it as weir encodes
+/// them (row `id` is the index, `None` is NULL). Returns the table's name.
+async fn copy_values(
+    db: &common::TestDb,
+    sql_type: &str,
+    values: &[Option<weir::json::Json<'_>>],
+) -> String {
     let table = format!(
         "t_{}",
         sql_type.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
@@ -42,7 +49,7 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
 
     let mut buf = BytesMut::new();
     copy::write_header(&mut buf);
-    for (id, case) in cases.iter().enumerate() {
+    for (id, value) in values.iter().enumerate() {
         copy::begin_row(&mut buf, 2);
         copy::write_field(
             &mut buf,
@@ -51,12 +58,10 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
             TimeUnit::Seconds,
         )
         .expect("id");
-        if case.input.is_null() {
-            copy::write_null(&mut buf);
-        } else {
-            let input = weir::json::Json::from(case.input.clone());
-            copy::write_field(&mut buf, &ty, Input::Json(&input), TimeUnit::Seconds)
-                .unwrap_or_else(|err| panic!("{sql_type}: encoding {}: {err}", case.input));
+        match value {
+            None => copy::write_null(&mut buf),
+            Some(value) => copy::write_field(&mut buf, &ty, Input::Json(value), TimeUnit::Seconds)
+                .unwrap_or_else(|err| panic!("{sql_type}: encoding {value}: {err}")),
         }
     }
     buf.extend_from_slice(copy::COPY_TRAILER);
@@ -74,8 +79,16 @@ async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
         .finish()
         .await
         .unwrap_or_else(|err| panic!("{sql_type}: PostgreSQL refused the COPY: {err}"));
-    assert_eq!(rows as usize, cases.len());
+    assert_eq!(rows as usize, values.len());
+    table
+}
 
+async fn round_trip(db: &common::TestDb, sql_type: &str, cases: Vec<Case>) {
+    let values: Vec<_> = cases
+        .iter()
+        .map(|case| (!case.input.is_null()).then(|| weir::json::Json::from(case.input.clone())))
+        .collect();
+    let table = copy_values(db, sql_type, &values).await;
     let back = db
         .client
         .query(&format!("SELECT v::text FROM {table} ORDER BY id"), &[])
@@ -359,54 +372,26 @@ async fn values_that_do_not_fit_are_refused_before_postgresql_sees_them() {
 #[tokio::test]
 async fn jsonb_from_event_text_is_postgresqls_reading_of_that_text() {
     let db = common::TestDb::new("rawjsonb").await;
-    db.client
-        .batch_execute("CREATE TABLE j (id int4, v jsonb)")
-        .await
-        .expect("table");
-    let info = weir::store::catalog::load_table(&db.client, "j", &db.schema)
-        .await
-        .expect("catalog");
-    let jsonb = info.columns[1].ty.clone().expect("supported");
     let texts = [
         r#"{ "a" : 1.50, "b" : [ 1e3, 2E-300, -0, 123456789012345678901234567890 ] }"#,
         r#"{"esc": "\u00e9 \ud83d\ude00 \" \\ \/ \t", "not_nul": "\\u0000"}"#,
         r#"{"k": 1, "k": 2, "nested": {"deep": [[{}], []]}}"#,
         "[\n\t\"x\" ,\r\n null, true, false, -9223372036854775808\n]",
     ];
-    let mut buf = BytesMut::new();
-    copy::write_header(&mut buf);
-    for (id, text) in texts.iter().enumerate() {
-        let value = weir::json::Json::parse(text).expect("JSON");
-        assert_eq!(value.source_text(), Some(text.trim()), "kept as written");
-        copy::begin_row(&mut buf, 2);
-        copy::write_field(
-            &mut buf,
-            &copy::PgType::Int4,
-            Input::Int(id as i64),
-            TimeUnit::Seconds,
-        )
-        .expect("id");
-        copy::write_field(&mut buf, &jsonb, Input::Json(&value), TimeUnit::Seconds).expect("jsonb");
-    }
-    buf.extend_from_slice(copy::COPY_TRAILER);
-    let sink = db
-        .client
-        .copy_in::<_, bytes::Bytes>("COPY j (id, v) FROM STDIN (FORMAT binary)")
-        .await
-        .expect("copy statement");
-    futures::pin_mut!(sink);
-    futures::SinkExt::send(&mut sink, buf.freeze())
-        .await
-        .expect("copy data");
-    sink.as_mut()
-        .finish()
-        .await
-        .expect("PostgreSQL took the COPY");
+    let values: Vec<_> = texts
+        .iter()
+        .map(|text| {
+            let value = weir::json::Json::parse(text).expect("JSON");
+            assert_eq!(value.source_text(), Some(text.trim()), "kept as written");
+            Some(value)
+        })
+        .collect();
+    let table = copy_values(&db, "jsonb", &values).await;
     for (id, text) in texts.iter().enumerate() {
         let row = db
             .client
             .query_one(
-                "SELECT v::text, $2::text::jsonb::text FROM j WHERE id = $1",
+                &format!("SELECT v::text, $2::text::jsonb::text FROM {table} WHERE id = $1"),
                 &[&(id as i32), text],
             )
             .await
