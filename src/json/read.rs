@@ -100,68 +100,68 @@ impl<'a> Reader<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Read<'a> {
-        if depth > MAX_DEPTH {
-            return Err(Declined);
-        }
         let start = self.at;
-        self.at += 1; // `{`
         let mut members = Vec::new();
-        let mut raw = true;
-        self.skip_whitespace();
-        if !self.eat(b'}') {
-            loop {
-                if self.peek() != Some(b'"') {
-                    return Err(Declined);
-                }
-                let (key, key_holds_nul) = self.string()?;
-                self.skip_whitespace();
-                if !self.eat(b':') {
-                    return Err(Declined);
-                }
-                self.skip_whitespace();
-                let (value, value_raw) = self.value(depth)?;
-                raw &= !key_holds_nul && value_raw;
-                members.push((key, value));
-                self.skip_whitespace();
-                if self.eat(b',') {
-                    self.skip_whitespace();
-                } else if self.eat(b'}') {
-                    break;
-                } else {
-                    return Err(Declined);
-                }
+        let raw = self.elements(depth, b'}', |reader| {
+            if reader.peek() != Some(b'"') {
+                return Err(Declined);
             }
-        }
+            let (key, key_holds_nul) = reader.string()?;
+            reader.skip_whitespace();
+            if !reader.eat(b':') {
+                return Err(Declined);
+            }
+            reader.skip_whitespace();
+            let (value, value_raw) = reader.value(depth)?;
+            members.push((key, value));
+            Ok(!key_holds_nul && value_raw)
+        })?;
         let text = raw.then(|| &self.text[start..self.at]);
         Ok((Json::Object(Object { members, text }), raw))
     }
 
     fn array(&mut self, depth: usize) -> Read<'a> {
+        let start = self.at;
+        let mut items = Vec::new();
+        let raw = self.elements(depth, b']', |reader| {
+            let (item, item_raw) = reader.value(depth)?;
+            items.push(item);
+            Ok(item_raw)
+        })?;
+        let text = raw.then(|| &self.text[start..self.at]);
+        Ok((Json::Array(Array { items, text }), raw))
+    }
+
+    /// The members of an object or items of an array, at its opening
+    /// bracket: each read by `element`, comma-separated, up to `close`.
+    /// `element` says whether its element's text may go to `jsonb` as it
+    /// is; so does the result, for all of them.
+    fn elements(
+        &mut self,
+        depth: usize,
+        close: u8,
+        mut element: impl FnMut(&mut Self) -> Result<bool, Declined>,
+    ) -> Result<bool, Declined> {
         if depth > MAX_DEPTH {
             return Err(Declined);
         }
-        let start = self.at;
-        self.at += 1; // `[`
-        let mut items = Vec::new();
-        let mut raw = true;
+        self.at += 1; // the opening bracket
         self.skip_whitespace();
-        if !self.eat(b']') {
-            loop {
-                let (item, item_raw) = self.value(depth)?;
-                raw &= item_raw;
-                items.push(item);
+        let mut raw = true;
+        if self.eat(close) {
+            return Ok(raw);
+        }
+        loop {
+            raw &= element(self)?;
+            self.skip_whitespace();
+            if self.eat(b',') {
                 self.skip_whitespace();
-                if self.eat(b',') {
-                    self.skip_whitespace();
-                } else if self.eat(b']') {
-                    break;
-                } else {
-                    return Err(Declined);
-                }
+            } else if self.eat(close) {
+                return Ok(raw);
+            } else {
+                return Err(Declined);
             }
         }
-        let text = raw.then(|| &self.text[start..self.at]);
-        Ok((Json::Array(Array { items, text }), raw))
     }
 
     /// A string at its opening quote: borrowed when it holds no escape, and

@@ -126,11 +126,6 @@ impl Lanes {
         self.over_budget || self.blocked.get(writer).copied().unwrap_or(false)
     }
 
-    /// One shared name per topic (every event carries it).
-    pub fn intern(&mut self, topic: &str) -> Arc<str> {
-        self.arena.name(topic)
-    }
-
     /// The writer a new lane goes to: the one whose lanes hold the least
     /// backlog, then the one with the fewest lanes. Partitions are rarely
     /// even (webhook topics are keyed by tenant, and tenants are not), so

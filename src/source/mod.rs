@@ -206,7 +206,7 @@ impl WeirContext {
             (std::cmp::Reverse(*backlog), topic.clone(), *partition)
         });
         for (topic, partition, stored, backlog) in announced {
-            let topic = state.intern(&topic);
+            let topic = state.arena.name(&topic);
             // Invariant kept: a lane keeps its writer for the whole
             // assignment (one writer commits a partition's batches, in
             // order); only a new assignment places it afresh.
@@ -265,7 +265,7 @@ impl WeirContext {
         {
             let mut state = self.state();
             for elem in tpl.elements() {
-                let topic = state.intern(elem.topic());
+                let topic = state.arena.name(elem.topic());
                 let key = (topic.clone(), elem.partition());
                 // What is still held for the lane is dropped: the next
                 // owner reads it again from the stored offset.
@@ -920,7 +920,7 @@ fn take(
 ) -> bool {
     let ctx = consumer.context();
     let mut state = ctx.state();
-    let topic = state.intern(message.topic());
+    let topic = state.arena.name(message.topic());
     let partition = message.partition();
     let Some(lane) = state.lanes.get(&(topic.clone(), partition)) else {
         // Not (or no longer) ours; it will be read by its owner.

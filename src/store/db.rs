@@ -238,14 +238,13 @@ fn ssl_connector(ca: Option<(&str, Vec<u8>)>) -> Result<SslConnector, ConfigErro
     static LAST: std::sync::Mutex<Option<(Option<Vec<u8>>, SslConnector)>> =
         std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    let pem = ca.as_ref().map(|(_, pem)| pem.clone());
     if let Some((built_for, connector)) = last.as_ref()
-        && *built_for == pem
+        && built_for.as_deref() == ca.as_ref().map(|(_, pem)| &pem[..])
     {
         return Ok(connector.clone());
     }
     let connector = build_ssl_connector(ca.as_ref().map(|(path, pem)| (*path, &pem[..])))?;
-    *last = Some((pem, connector.clone()));
+    *last = Some((ca.map(|(_, pem)| pem), connector.clone()));
     Ok(connector)
 }
 
