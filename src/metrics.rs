@@ -176,7 +176,11 @@ fn describe() {
         Unit::Count,
         "Batches by outcome (committed, fenced, abandoned)"
     );
-    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per committed batch");
+    describe_histogram!(
+        BATCH_ROWS,
+        Unit::Count,
+        "Rows per committed transaction (one flush: the batches of one or more partitions)"
+    );
     describe_counter!(
         DEAD_LETTERS,
         Unit::Count,

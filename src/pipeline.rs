@@ -266,8 +266,9 @@ pub async fn run(
     let mut batchers = Vec::with_capacity(writers);
     for index in 0..writers {
         let (lane_tx, lane_rx) = tokio::sync::mpsc::channel(config.pipeline.queue_messages);
-        // One batch waits while one is written: decode overlaps COPY, and
-        // memory stays at two batches per writer.
+        // One flush waits while one is written: decode overlaps COPY, and
+        // memory stays at two flushes per writer (within the in-flight
+        // budget either way).
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(1);
         lane_senders.push(lane_tx);
         // Recycled COPY buffers: at most one batch's worth per writer.

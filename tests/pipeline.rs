@@ -116,6 +116,21 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
         ))
         .await;
     assert_eq!(offsets, 8, "two topics of four partitions");
+
+    // A writer commits the batches of all its partitions holding rows in
+    // one transaction: rows of several Kafka partitions share one
+    // transaction start (`ingested_at` defaults to now()). With one
+    // transaction per partition, every start would hold one partition.
+    let shared_transactions = db
+        .count(&format!(
+            "SELECT count(*) FROM (SELECT ingested_at FROM \"{s}\".webhook_logs GROUP BY ingested_at \
+               HAVING count(DISTINCT source_partition) > 1) AS t"
+        ))
+        .await;
+    assert!(
+        shared_transactions > 0,
+        "some transaction carried the rows of more than one partition"
+    );
 }
 
 /// Rows at the last instant before a boundary and the first after it land

@@ -8,8 +8,12 @@
 //!
 //! The batcher (one per writer) takes its lanes' events in offset order,
 //! decodes each into rows and dead letters, and cuts a lane's batch by rows,
-//! bytes or, once the linger has passed, when the writer can take it; the
-//! writer writes it while the next one is gathered.
+//! bytes or, once the linger has passed, when the writer can take it. What
+//! it hands the writer is a *flush*: one or more batches of distinct lanes,
+//! committed in one transaction. Every lane past its linger when the writer
+//! can take a flush goes in it, so a busy writer with several lanes pays one
+//! COMMIT for all of them, not one per lane. The writer writes a flush while
+//! the next one is gathered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,7 +155,9 @@ impl Gathering {
 pub struct Batcher {
     pub decoder: Arc<Decoder>,
     pub input: Receiver<LaneEvent>,
-    pub output: Sender<Batch>,
+    /// Flushes: batches of distinct lanes, each flush committed in one
+    /// transaction.
+    pub output: Sender<Vec<Batch>>,
     pub in_flight: Arc<InFlight>,
     pub max_rows: usize,
     pub max_bytes: usize,
@@ -183,19 +189,26 @@ impl Batcher {
                 Some(deadline) if deadline <= tokio::time::Instant::now() => tokio::select! {
                     received = self.input.recv_many(&mut events, RECV_CHUNK) => received,
                     permit = self.output.reserve() => {
-                        let due = lanes
+                        // Every due lane goes in one flush: the writer
+                        // commits them in one transaction, one COMMIT
+                        // instead of one per lane. Lanes not yet due stay:
+                        // taking them along would make each row wait for
+                        // every other lane's COPY, and line the lanes'
+                        // lingers up so they all fall due at once.
+                        let now = tokio::time::Instant::now();
+                        let flush: Vec<Batch> = lanes
                             .values_mut()
-                            .filter(|lane| lane.oldest.is_some())
-                            .min_by_key(|lane| lane.oldest)
-                            .and_then(Gathering::cut);
-                        if let Some(batch) = due {
+                            .filter(|lane| lane.oldest.is_some_and(|at| at + self.linger <= now))
+                            .filter_map(Gathering::cut)
+                            .collect();
+                        if !flush.is_empty() {
                             match permit {
                                 Ok(permit) => {
-                                    gauge!(m::IN_FLIGHT_ROWS).increment(batch.rows as f64);
-                                    permit.send(batch);
+                                    gauge!(m::IN_FLIGHT_ROWS).increment(rows_of(&flush) as f64);
+                                    permit.send(flush);
                                 }
                                 // The writer is gone: `send` releases it.
-                                Err(_) => self.send(batch).await,
+                                Err(_) => self.send(flush).await,
                             }
                         }
                         continue;
@@ -210,8 +223,8 @@ impl Batcher {
             if received == 0 {
                 // The consumer is shutting down: flush what is held.
                 let rest: Vec<_> = lanes.values_mut().filter_map(Gathering::cut).collect();
-                for batch in rest {
-                    self.send(batch).await;
+                if !rest.is_empty() {
+                    self.send(rest).await;
                 }
                 return;
             }
@@ -283,7 +296,7 @@ impl Batcher {
                              its new start"
                         );
                         if let Some(batch) = lane.cut() {
-                            self.send(batch).await;
+                            self.send(vec![batch]).await;
                         }
                     } else if event.offset > position {
                         counter!(m::OFFSET_GAPS, "topic" => event.topic.to_string()).increment(1);
@@ -321,7 +334,7 @@ impl Batcher {
                     && encoded_before + reserved > self.max_bytes
                     && let Some(batch) = lane.cut()
                 {
-                    self.send(batch).await;
+                    self.send(vec![batch]).await;
                     encoded_before = 0; // a fresh batch
                 }
                 lane.position = Some(event.offset + 1);
@@ -349,20 +362,27 @@ impl Batcher {
                 if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                     && let Some(batch) = lane.cut()
                 {
-                    self.send(batch).await;
+                    self.send(vec![batch]).await;
                 }
             }
         }
     }
 
-    async fn send(&self, batch: Batch) {
-        gauge!(m::IN_FLIGHT_ROWS).increment(batch.rows as f64);
-        if let Err(returned) = self.output.send(batch).await {
+    /// Hands a flush to the writer (waiting while it writes the one before).
+    async fn send(&self, flush: Vec<Batch>) {
+        gauge!(m::IN_FLIGHT_ROWS).increment(rows_of(&flush) as f64);
+        if let Err(returned) = self.output.send(flush).await {
             // The writer is gone (shutdown deadline): release and drop.
-            self.in_flight.release(returned.0.charged_bytes);
-            gauge!(m::IN_FLIGHT_ROWS).decrement(returned.0.rows as f64);
+            for batch in returned.0 {
+                self.in_flight.release(batch.charged_bytes);
+                gauge!(m::IN_FLIGHT_ROWS).decrement(batch.rows as f64);
+            }
         }
     }
+}
+
+fn rows_of(flush: &[Batch]) -> usize {
+    flush.iter().map(|batch| batch.rows).sum()
 }
 
 #[cfg(test)]
@@ -376,7 +396,7 @@ mod tests {
     /// A batcher over the test decoder, fed and drained by the test.
     struct Harness {
         input: mpsc::Sender<LaneEvent>,
-        output: mpsc::Receiver<Batch>,
+        output: mpsc::Receiver<Vec<Batch>>,
         in_flight: Arc<InFlight>,
         topic: Arc<str>,
     }
@@ -417,19 +437,29 @@ mod tests {
         }
 
         async fn assign(&self, epoch: u64, stored: Option<i64>) {
+            self.assign_partition(0, epoch, stored).await;
+        }
+
+        async fn assign_partition(&self, partition: i32, epoch: u64, stored: Option<i64>) {
             self.send(LaneEvent::Assigned {
                 topic: self.topic.clone(),
-                partition: 0,
+                partition,
                 epoch,
                 stored,
             })
             .await;
         }
 
-        /// A one-row webhook at `offset`, charged as the source charges it.
+        /// A one-row webhook at `offset` of partition 0, charged as the
+        /// source charges it.
         async fn message(&self, epoch: u64, offset: i64) {
+            self.message_to(0, epoch, offset).await;
+        }
+
+        async fn message_to(&self, partition: i32, epoch: u64, offset: i64) {
             let now = chrono::Utc::now().timestamp();
             let mut event = event(&body(&[serde_json::json!(now)]), Some(TENANT));
+            event.partition = partition;
             event.offset = offset;
             let charged = crate::lane::charge_for(&event);
             self.in_flight.charge(charged);
@@ -445,9 +475,17 @@ mod tests {
             self.input.send(event).await.expect("batcher running");
         }
 
-        /// The next batch, as (prev, next, offsets of its messages).
+        /// The next flush, which must hold one batch.
+        async fn one(&mut self) -> Batch {
+            let mut flush = self.output.recv().await.expect("a flush");
+            assert_eq!(flush.len(), 1, "a flush of one lane's batch");
+            flush.pop().expect("one batch")
+        }
+
+        /// The next flush's one batch, as (prev, next, offsets of its
+        /// messages).
         async fn batch(&mut self) -> (Option<i64>, i64, Vec<i64>) {
-            let batch = self.output.recv().await.expect("a batch");
+            let batch = self.one().await;
             let offsets = batch.messages.iter().map(|m| m.offset).collect();
             (batch.prev, batch.next, offsets)
         }
@@ -495,6 +533,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn lanes_due_when_the_writer_can_take_a_flush_go_in_one() {
+        let mut h = Harness::with_output(1000, 1 << 20, Duration::from_millis(50), 1);
+        for partition in 0..3 {
+            h.assign_partition(partition, 1, Some(0)).await;
+        }
+        h.message_to(0, 1, 0).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // [0] of partition 0 was cut at its linger and waits: the writer is
+        // busy. Partitions 0 and 1 take rows and fall due meanwhile.
+        h.message_to(0, 1, 1).await;
+        h.message_to(1, 1, 0).await;
+        h.message_to(1, 1, 1).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Partition 2's row is not due yet.
+        h.message_to(2, 1, 0).await;
+        assert_eq!(h.batch().await, (Some(0), 1, vec![0]));
+        // The writer took the first flush: partitions 0 and 1 are due and
+        // go in one flush; partition 2 is not due and stays.
+        let mut flush = h.output.recv().await.expect("a flush");
+        flush.sort_by_key(|batch| batch.partition);
+        let cut: Vec<_> = flush
+            .iter()
+            .map(|b| (b.partition, b.prev, b.next, b.rows))
+            .collect();
+        assert_eq!(cut, vec![(0, Some(1), 2, 1), (1, Some(0), 2, 2)]);
+        let last = h.one().await;
+        assert_eq!((last.partition, last.prev, last.next), (2, Some(0), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_batch_reaching_max_bytes_is_cut_at_once() {
         let mut h = Harness::start(1000, 1, Duration::from_secs(60));
         h.assign(1, None).await;
@@ -510,7 +578,7 @@ mod tests {
         h.assign(1, None).await;
         h.message(1, 0).await;
         h.message(1, 1).await;
-        let batch = h.output.recv().await.expect("a batch");
+        let batch = h.one().await;
         let events: usize = batch.messages.iter().map(Event::size).sum();
         let rows: usize = batch.segments.iter().map(|s| s.buf.len()).sum();
         let reserved: usize = batch
@@ -540,7 +608,7 @@ mod tests {
         h.assign(2, Some(0)).await;
         h.message(1, 1).await;
         h.message(2, 0).await;
-        let batch = h.output.recv().await.expect("a batch");
+        let batch = h.one().await;
         assert_eq!((batch.epoch, batch.prev, batch.next), (2, Some(0), 1));
         assert_eq!(batch.messages.len(), 1);
         assert_eq!(
@@ -575,8 +643,9 @@ mod tests {
         h.message(1, 5).await;
         h.message(1, 6).await;
         drop(h.input);
-        let batch = h.output.recv().await.expect("flushed");
-        assert_eq!((batch.prev, batch.next, batch.rows), (Some(5), 7, 2));
+        let flush = h.output.recv().await.expect("flushed");
+        let cut: Vec<_> = flush.iter().map(|b| (b.prev, b.next, b.rows)).collect();
+        assert_eq!(cut, vec![(Some(5), 7, 2)]);
         assert!(h.output.recv().await.is_none());
     }
 

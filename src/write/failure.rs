@@ -14,8 +14,9 @@ pub(crate) enum Attempt {
 /// Why a write attempt did not commit.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// Another consumer moved the stored offset: drop the batch, reload.
-    Fenced,
+    /// Another consumer moved the stored offset of the flush's batch at
+    /// this index: drop the batch, reload its lane.
+    Fenced(usize),
     /// Retry the same batch after a backoff.
     Transient { cause: &'static str, detail: String },
     /// Stop and report; retry slowly until fixed.
@@ -27,7 +28,7 @@ pub(crate) enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Fenced => f.write_str("fenced: another consumer moved the stored offset"),
+            Failure::Fenced(_) => f.write_str("fenced: another consumer moved the stored offset"),
             Failure::Transient { cause, detail } => write!(f, "{cause}: {detail}"),
             Failure::Schema(detail) => f.write_str(detail),
             Failure::Row => f.write_str("PostgreSQL refused a row"),

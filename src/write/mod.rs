@@ -1,15 +1,17 @@
 //! Writers: each owns a set of lanes (Kafka partitions) and one PostgreSQL
-//! session, and commits its lanes' batches one at a time, in order.
+//! session, and commits its lanes' batches one flush at a time, in order.
 //!
-//! A writer takes cut batches from its batcher (a queue of one batch, so
-//! the next batch is decoded while the current one is copied) and writes
-//! each in one transaction ([`transaction`]): fence by compare-and-set,
-//! COPY the rows, COPY the dead letters, COMMIT; then tells the source,
-//! which commits to Kafka. Partitions are planned before the transaction
-//! ([`plan`]); a row PostgreSQL refuses is found by bisection ([`bisect`])
-//! and becomes a dead letter. Failures are classified ([`failure`]):
-//! transient ones retry the same batch, schema errors stop the writer until
-//! fixed, a fenced batch is dropped and its lane reloaded.
+//! A writer takes flushes from its batcher (a queue of one flush, so the
+//! next is decoded while the current one is copied). A flush holds batches
+//! of distinct lanes, and the writer writes it in one transaction
+//! ([`transaction`]): fence every lane by compare-and-set, COPY the rows,
+//! COPY the dead letters, COMMIT; then tells the source, which commits to
+//! Kafka. Partitions are planned before the transaction ([`plan`]); a row
+//! PostgreSQL refuses is found by bisection ([`bisect`]) and becomes a dead
+//! letter. Failures are classified ([`failure`]): transient ones retry the
+//! same flush, schema errors stop the writer until fixed, a fenced lane's
+//! batch is dropped, its lane reloaded, and the rest of the flush written
+//! without it.
 //!
 //! [`session`] holds the connection and its statements, and
 //! [`write_rows`], the one way rows reach a leaf partition (used by
@@ -87,9 +89,9 @@ impl Writer {
         }
     }
 
-    /// Connects (so readiness is known before traffic), then writes batches
+    /// Connects (so readiness is known before traffic), then writes flushes
     /// until the batcher closes the queue.
-    pub async fn run(mut self, mut input: Receiver<Batch>) {
+    pub async fn run(mut self, mut input: Receiver<Vec<Batch>>) {
         let mut backoff = self.backoff();
         while let Err(err) = self.connect().await {
             self.shared.health.writer_connected(self.index, false);
@@ -106,8 +108,8 @@ impl Writer {
         let writing = histogram!(m::WRITER_TIME, "writer" => writer, "state" => "writing");
         loop {
             let waiting = std::time::Instant::now();
-            let batch = tokio::select! {
-                batch = input.recv() => batch,
+            let flush = tokio::select! {
+                flush = input.recv() => flush,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
                     idle.record(waiting.elapsed().as_secs_f64());
                     self.shared.health.writer_beat(self.index);
@@ -116,11 +118,11 @@ impl Writer {
                 }
             };
             idle.record(waiting.elapsed().as_secs_f64());
-            let Some(batch) = batch else { break };
+            let Some(flush) = flush else { break };
             let started = std::time::Instant::now();
-            self.handle(&batch).await;
+            self.handle(&flush).await;
             writing.record(started.elapsed().as_secs_f64());
-            for segment in batch.segments {
+            for segment in flush.into_iter().flat_map(|batch| batch.segments) {
                 self.pool.give(segment.buf);
                 self.pool.give_rows(segment.rows);
             }
@@ -175,25 +177,36 @@ impl Writer {
         })
     }
 
-    /// Writes one batch, retrying transient failures for as long as it
-    /// takes (in order: nothing after it is written meanwhile).
-    async fn handle(&mut self, batch: &Batch) {
-        let key = (batch.topic.clone(), batch.partition);
-        if self
-            .fenced
-            .get(&key)
-            .is_some_and(|&epoch| batch.epoch <= epoch)
-        {
-            self.finish(batch);
-            counter!(m::BATCHES, "outcome" => "dropped_after_fence").increment(1);
-            return;
+    /// Writes one flush in one transaction, retrying transient failures
+    /// for as long as it takes (in order: nothing after it is written
+    /// meanwhile). A lane found fenced is dropped from the flush and the
+    /// others are written without it.
+    async fn handle(&mut self, flush: &[Batch]) {
+        let mut pending: Vec<&Batch> = Vec::with_capacity(flush.len());
+        for batch in flush {
+            if self
+                .fenced
+                .get(&(batch.topic.clone(), batch.partition))
+                .is_some_and(|&epoch| batch.epoch <= epoch)
+            {
+                self.finish(batch);
+                counter!(m::BATCHES, "outcome" => "dropped_after_fence").increment(1);
+            } else {
+                pending.push(batch);
+            }
         }
+        // Every writer of every pod fences its lanes in (topic, partition)
+        // order, so two transactions that share lanes (a zombie and the new
+        // owner, in a rebalance) lock the offset rows in the same order: one
+        // waits for the other and then finds the offset moved, instead of
+        // the two deadlocking.
+        pending.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         let mut backoff = self.backoff();
         let mut schema_reported = false;
         let mut attempt = Attempt::First;
-        loop {
+        while !pending.is_empty() {
             self.shared.health.writer_beat(self.index);
-            match self.attempt(batch, attempt).await {
+            match self.attempt(&pending, attempt).await {
                 Ok(written) => {
                     if schema_reported {
                         tracing::info!(
@@ -202,19 +215,22 @@ impl Writer {
                         );
                     }
                     self.shared.health.writer_stopped(self.index, None);
-                    self.report(written);
-                    // Kafka's committed offset only ever follows a PostgreSQL
-                    // commit, never precedes it.
-                    let _ = self.shared.requests.send(Request::Committed {
-                        topic: batch.topic.clone(),
-                        partition: batch.partition,
-                        epoch: batch.epoch,
-                        next: batch.next,
-                    });
-                    self.finish(batch);
+                    self.report(written, pending.len());
+                    for batch in pending {
+                        // Kafka's committed offset only ever follows a
+                        // PostgreSQL commit, never precedes it.
+                        let _ = self.shared.requests.send(Request::Committed {
+                            topic: batch.topic.clone(),
+                            partition: batch.partition,
+                            epoch: batch.epoch,
+                            next: batch.next,
+                        });
+                        self.finish(batch);
+                    }
                     return;
                 }
-                Err(Failure::Fenced) => {
+                Err(Failure::Fenced(index)) => {
+                    let batch = pending.remove(index);
                     tracing::warn!(
                         topic = %batch.topic, partition = batch.partition, epoch = batch.epoch,
                         prev = ?batch.prev, next = batch.next,
@@ -225,14 +241,17 @@ impl Writer {
                     // Every later batch of this lane up to this epoch was cut
                     // after this one and continues it: drop them too, until
                     // the source restarts the lane from the stored offset.
-                    self.fenced.insert(key.clone(), batch.epoch);
+                    self.fenced
+                        .insert((batch.topic.clone(), batch.partition), batch.epoch);
                     let _ = self.shared.requests.send(Request::Reload {
                         topic: batch.topic.clone(),
                         partition: batch.partition,
                         epoch: batch.epoch,
                     });
                     self.finish(batch);
-                    return;
+                    // The transaction was rolled back; the other lanes'
+                    // batches are not at fault and are written at once,
+                    // without this one.
                 }
                 Err(Failure::Transient { cause, detail }) => {
                     attempt = Attempt::Retry;
@@ -240,7 +259,7 @@ impl Writer {
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(
                         writer = self.index, cause, error = %detail, retry_in_ms = wait.as_millis() as u64,
-                        "transient failure; retrying the same batch"
+                        "transient failure; retrying the same batches"
                     );
                     if self.session.as_ref().is_none_or(Session::is_closed) || cause == "connection"
                     {
@@ -260,8 +279,7 @@ impl Writer {
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                     if !schema_reported {
                         tracing::error!(
-                            writer = self.index, topic = %batch.topic, partition = batch.partition,
-                            error = %detail,
+                            writer = self.index, lanes = %lanes(&pending), error = %detail,
                             "schema or configuration error: this writer is stopped until it is fixed; \
                              offsets stay where they are and nothing is dead-lettered"
                         );
@@ -283,8 +301,8 @@ impl Writer {
                     // schema error; this arm is kept total so no path can
                     // panic a writer.
                     tracing::error!(
-                        writer = self.index, topic = %batch.topic, partition = batch.partition,
-                        "a row-level failure escaped isolation; retrying the batch"
+                        writer = self.index, lanes = %lanes(&pending),
+                        "a row-level failure escaped isolation; retrying the batches"
                     );
                     m::retry("row");
                     tokio::time::sleep(backoff.next_backoff().unwrap_or(Duration::from_secs(30)))
@@ -313,8 +331,9 @@ impl Writer {
         gauge!(m::IN_FLIGHT_ROWS).decrement(batch.rows as f64);
     }
 
-    fn report(&mut self, written: Written) {
-        counter!(m::BATCHES, "outcome" => "committed").increment(1);
+    /// Counts a committed flush of `batches` lane batches.
+    fn report(&mut self, written: Written, batches: usize) {
+        counter!(m::BATCHES, "outcome" => "committed").increment(batches as u64);
         histogram!(m::BATCH_ROWS).record(written.rows_total() as f64);
         for table in &written.per_table {
             counter!(m::ROWS_WRITTEN, "table" => table.table.clone()).increment(table.rows);
@@ -345,36 +364,44 @@ impl Writer {
         }
     }
 
-    /// One try at committing the batch.
-    async fn attempt(&mut self, batch: &Batch, attempt: Attempt) -> Result<Written, Failure> {
+    /// One try at committing the flush (batches of distinct lanes, in
+    /// fencing order).
+    async fn attempt(&mut self, flush: &[&Batch], attempt: Attempt) -> Result<Written, Failure> {
         let shared = self.shared.clone();
         let offsets = self.offsets.clone();
         let lock_timeout = Duration::from_millis(shared.config.postgres.ddl_lock_timeout_ms);
         let session = self.session().await?;
         if attempt == Attempt::Retry {
-            // Fence first on a retry: while this batch waited (a schema
+            // Fence first on a retry: while this flush waited (a schema
             // error, an outage), another consumer may have committed past
-            // its start (a rebalance, a newer deployment). Then the batch is
-            // stale and is dropped now, before any other work, instead of
-            // retrying an error only this consumer meets. A read: the
-            // compare-and-set in the transaction still decides.
-            let stored = offsets
-                .load(&session.client, &batch.topic, &[batch.partition])
-                .await
-                .map_err(|err| Failure::from_db(&err))?;
-            if stored.get(&batch.partition).copied() != batch.prev {
-                return Err(Failure::Fenced);
+            // a batch's start (a rebalance, a newer deployment). Then that
+            // batch is stale and is dropped now, before any other work,
+            // instead of retrying an error only this consumer meets. A
+            // read: the compare-and-set in the transaction still decides.
+            for (index, batch) in flush.iter().enumerate() {
+                let stored = offsets
+                    .load(&session.client, &batch.topic, &[batch.partition])
+                    .await
+                    .map_err(|err| Failure::from_db(&err))?;
+                if stored.get(&batch.partition).copied() != batch.prev {
+                    return Err(Failure::Fenced(index));
+                }
             }
         }
         let planning = std::time::Instant::now();
-        let parts = plan::plan(
-            &mut session.client,
-            &shared.decoder.tables,
-            &batch.segments,
-            lock_timeout,
-        )
-        .await?;
-        // The dead-letter partition for this instant, in case the batch has
+        let mut parts = Vec::with_capacity(flush.len());
+        for batch in flush {
+            parts.push(
+                plan::plan(
+                    &mut session.client,
+                    &shared.decoder.tables,
+                    &batch.segments,
+                    lock_timeout,
+                )
+                .await?,
+            );
+        }
+        // The dead-letter partition for this instant, in case the flush has
         // or finds dead letters.
         let failed_at = now_micros();
         let dead_letter_leaf = plan::dead_letter_leaf(
@@ -399,13 +426,14 @@ impl Writer {
             dead_letters: &shared.dead_letters,
             group: &offsets.group,
         };
-        match transaction::write_batch(session, &to, batch, &plan, Pass::Fast).await {
+        match transaction::write_flush(session, &to, flush, &plan, Pass::Fast).await {
             Err(Failure::Row) => {
                 tracing::info!(
-                    topic = %batch.topic, partition = batch.partition, rows = batch.rows,
+                    lanes = %lanes(flush),
+                    rows = flush.iter().map(|batch| batch.rows).sum::<usize>(),
                     "a row was refused by PostgreSQL; isolating bad rows"
                 );
-                match transaction::write_batch(session, &to, batch, &plan, Pass::Careful).await {
+                match transaction::write_flush(session, &to, flush, &plan, Pass::Careful).await {
                     // The careful pass checks every constraint per COPY
                     // (deferred ones included), so nothing row-level is
                     // left for COMMIT to refuse. If PostgreSQL still
@@ -422,4 +450,13 @@ impl Writer {
             other => other,
         }
     }
+}
+
+/// The lanes of a flush, for logs: `topic/0, topic/3`.
+fn lanes(flush: &[&Batch]) -> String {
+    flush
+        .iter()
+        .map(|batch| format!("{}/{}", batch.topic, batch.partition))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,12 +1,12 @@
-//! One batch, one transaction, in named steps:
+//! One flush (batches of distinct lanes), one transaction, in named steps:
 //!
-//! 1. [`prepare`] the statements (before the transaction: a statement
+//! 1. prepare the statements ([`prepare_sinks`], [`prepare_dead_letters`]) (before the transaction: a statement
 //!    cannot be prepared on a client the transaction borrows) and encode
 //!    the dead letters already known, so the session does not sit idle in
 //!    an open transaction doing weir's work;
-//! 2. [`fence`]: move the lane's stored offset from `prev` to `next` by
-//!    compare-and-set, first, so a fenced batch costs no COPY, and the
-//!    offset row stays locked until commit;
+//! 2. [`fence`]: move every lane's stored offset from its batch's `prev` to
+//!    its `next` by compare-and-set, first, so a fenced batch costs no
+//!    COPY, and the offset rows stay locked until commit;
 //! 3. [`copy_parts`]: COPY the rows, in binary, into each leaf partition;
 //!    in the careful pass each part under a savepoint, bisected on refusal;
 //! 4. [`copy_dead_letters`];
@@ -57,20 +57,22 @@ pub struct Destinations<'a> {
     pub group: &'a str,
 }
 
-/// Where a batch's rows go, planned before its transaction.
+/// Where a flush's rows go, planned before its transaction.
 pub struct Plan {
-    pub parts: Vec<Part>,
+    /// Each batch's parts, in the flush's order.
+    pub parts: Vec<Vec<Part>>,
     /// The dead-letter partition of `failed_at`.
     pub dead_letter_leaf: Leaf,
     /// The time stamped on this attempt's dead letters, Unix microseconds.
     pub failed_at: i64,
 }
 
-/// Writes `batch` in one transaction (see the module doc).
-pub async fn write_batch(
+/// Writes `flush` in one transaction (see the module doc). A fenced batch
+/// rolls the whole transaction back: `Failure::Fenced` names its index.
+pub async fn write_flush(
     session: &mut Session,
     to: &Destinations<'_>,
-    batch: &Batch,
+    flush: &[&Batch],
     plan: &Plan,
     pass: Pass,
 ) -> Result<Written, Failure> {
@@ -79,9 +81,21 @@ pub async fn write_batch(
         advance,
         statements,
     } = session;
-    let prepared = prepare(client, statements, to.mappings, batch, plan).await?;
+    let mut sinks = Vec::with_capacity(flush.len());
+    for (batch, parts) in flush.iter().zip(&plan.parts) {
+        sinks.push(prepare_sinks(client, statements, to.mappings, batch, parts).await?);
+    }
+    let dead_letter_copy = prepare_dead_letters(client, statements, plan).await?;
     let mut dead_rows = DeadLetterRows::default();
-    dead_rows.add(to.dead_letters, batch, &batch.dead_letters, plan.failed_at);
+    for (index, batch) in flush.iter().enumerate() {
+        dead_rows.add(
+            to.dead_letters,
+            index,
+            batch,
+            &batch.dead_letters,
+            plan.failed_at,
+        );
+    }
 
     let transaction = client
         .transaction()
@@ -96,22 +110,33 @@ pub async fn write_batch(
             .await
             .map_err(|err| Failure::from_db(&err))?;
     }
-    if fence(&transaction, advance, to.group, batch).await? == Ownership::Fenced {
-        let _ = transaction.rollback().await;
-        return Err(Failure::Fenced);
+    // Every lane is fenced before any row is copied, so a fenced lane costs
+    // no COPY. Its rollback undoes the other lanes' offset moves too, and
+    // the writer writes them again without it. The flush comes in (topic,
+    // partition) order, the order every writer locks offset rows in (see
+    // the writer).
+    for (index, batch) in flush.iter().enumerate() {
+        if fence(&transaction, advance, to.group, batch).await? == Ownership::Fenced {
+            let _ = transaction.rollback().await;
+            return Err(Failure::Fenced(index));
+        }
     }
-    let (mut written, write_dead) = copy_parts(
-        &transaction,
-        to.mappings,
-        batch,
-        plan,
-        &prepared.sinks,
-        pass,
-    )
-    .await?;
-    dead_rows.add(to.dead_letters, batch, &write_dead, plan.failed_at);
+    let mut written = Written::default();
+    for (index, batch) in flush.iter().enumerate() {
+        let (batch_written, write_dead) = copy_parts(
+            &transaction,
+            to.mappings,
+            batch,
+            &plan.parts[index],
+            &sinks[index],
+            pass,
+        )
+        .await?;
+        written.merge(batch_written);
+        dead_rows.add(to.dead_letters, index, batch, &write_dead, plan.failed_at);
+    }
     written.dead_letters = std::mem::take(&mut dead_rows.reported);
-    copy_dead_letters(&transaction, &prepared.dead_letters, dead_rows.buf).await?;
+    copy_dead_letters(&transaction, &dead_letter_copy, dead_rows.buf).await?;
 
     let commit_started = Instant::now();
     transaction
@@ -122,22 +147,17 @@ pub async fn write_batch(
     Ok(written)
 }
 
-/// Statements of one batch, prepared before its transaction.
-struct Prepared {
-    /// One per part, in order.
-    sinks: Vec<Sink>,
-    dead_letters: Statement,
-}
-
-async fn prepare(
+/// The sinks of one batch's parts, in order, prepared before the
+/// transaction.
+async fn prepare_sinks(
     client: &tokio_postgres::Client,
     statements: &mut Statements,
     mappings: &Mappings,
     batch: &Batch,
-    plan: &Plan,
-) -> Result<Prepared, Failure> {
-    let mut sinks = Vec::with_capacity(plan.parts.len());
-    for part in &plan.parts {
+    parts: &[Part],
+) -> Result<Vec<Sink>, Failure> {
+    let mut sinks = Vec::with_capacity(parts.len());
+    for part in parts {
         let source = batch.segments[part.segment].source;
         sinks.push(
             statements
@@ -146,7 +166,16 @@ async fn prepare(
                 .map_err(|err| Failure::from_db(&err))?,
         );
     }
-    let dead_letters = statements
+    Ok(sinks)
+}
+
+/// The COPY statement of the flush's dead letters.
+async fn prepare_dead_letters(
+    client: &tokio_postgres::Client,
+    statements: &mut Statements,
+    plan: &Plan,
+) -> Result<Statement, Failure> {
+    statements
         .prepared(
             client,
             format!(
@@ -155,11 +184,7 @@ async fn prepare(
             ),
         )
         .await
-        .map_err(|err| Failure::from_db(&err))?;
-    Ok(Prepared {
-        sinks,
-        dead_letters,
-    })
+        .map_err(|err| Failure::from_db(&err))
 }
 
 /// Whether this transaction owns the batch's offset range.
@@ -205,14 +230,14 @@ async fn copy_parts(
     transaction: &Transaction<'_>,
     mappings: &Mappings,
     batch: &Batch,
-    plan: &Plan,
+    parts: &[Part],
     sinks: &[Sink],
     pass: Pass,
 ) -> Result<(Written, Vec<DeadLetter>), Failure> {
     let mut written = Written::default();
     let mut refused: Vec<DeadLetter> = Vec::new();
     let mut bisect_copies = 0u64;
-    for (part, sink) in plan.parts.iter().zip(sinks) {
+    for (part, sink) in parts.iter().zip(sinks) {
         let copy_started = Instant::now();
         let segment = &batch.segments[part.segment];
         let table = mappings.tables[segment.table].name().to_string();
@@ -317,28 +342,31 @@ async fn copy_dead_letters(
     Ok(())
 }
 
-/// A batch's dead letters as COPY rows, and what to report once committed.
+/// A flush's dead letters as COPY rows, and what to report once committed.
 #[derive(Default)]
 struct DeadLetterRows {
     buf: BytesMut,
-    /// Messages (by index in the batch) whose payload a row already carries.
-    carried: HashSet<u32>,
+    /// Messages (by index of the batch in the flush, and of the message in
+    /// the batch) whose payload a row already carries.
+    carried: HashSet<(usize, u32)>,
     reported: Vec<LetterReport>,
 }
 
 impl DeadLetterRows {
-    /// Encodes `letters`; each message's payload is stored (and
-    /// compressed) once, with its first dead letter in the batch.
+    /// Encodes `letters` of the flush's batch number `index`; each
+    /// message's payload is stored (and compressed) once, with its first
+    /// dead letter in the flush.
     fn add(
         &mut self,
         table: &DeadLetterTable,
+        index: usize,
         batch: &Batch,
         letters: &[DeadLetter],
         failed_at: i64,
     ) {
         for letter in letters {
             let event = &batch.messages[letter.message as usize];
-            let copy = if self.carried.insert(letter.message) {
+            let copy = if self.carried.insert((index, letter.message)) {
                 PayloadCopy::Carried
             } else {
                 PayloadCopy::WithSibling
@@ -393,6 +421,15 @@ pub struct Written {
 }
 
 impl Written {
+    /// Adds what another batch of the same transaction wrote.
+    fn merge(&mut self, other: Written) {
+        for table in other.per_table {
+            self.add(table);
+        }
+        self.latencies.extend(other.latencies);
+        self.dead_letters.extend(other.dead_letters);
+    }
+
     fn add(&mut self, more: TableWritten) {
         match self.per_table.iter_mut().find(|t| t.table == more.table) {
             Some(entry) => {
