@@ -123,16 +123,16 @@ pub async fn write_flush(
     }
     let mut written = Written::default();
     for (index, batch) in flush.iter().enumerate() {
-        let (batch_written, write_dead) = copy_parts(
+        let write_dead = copy_parts(
             &transaction,
             to.mappings,
             batch,
             &plan.parts[index],
             &sinks[index],
             pass,
+            &mut written,
         )
         .await?;
-        written.merge(batch_written);
         dead_rows.add(to.dead_letters, index, batch, &write_dead, plan.failed_at);
     }
     written.dead_letters = std::mem::take(&mut dead_rows.reported);
@@ -224,8 +224,9 @@ async fn fence(
     })
 }
 
-/// COPYs every part; returns what was written and, in the careful pass,
-/// the dead letters of the rows PostgreSQL refused.
+/// COPYs every part of one batch, adding what it wrote to `written`;
+/// returns, in the careful pass, the dead letters of the rows PostgreSQL
+/// refused.
 async fn copy_parts(
     transaction: &Transaction<'_>,
     mappings: &Mappings,
@@ -233,8 +234,8 @@ async fn copy_parts(
     parts: &[Part],
     sinks: &[Sink],
     pass: Pass,
-) -> Result<(Written, Vec<DeadLetter>), Failure> {
-    let mut written = Written::default();
+    written: &mut Written,
+) -> Result<Vec<DeadLetter>, Failure> {
     let mut refused: Vec<DeadLetter> = Vec::new();
     let mut bisect_copies = 0u64;
     for (part, sink) in parts.iter().zip(sinks) {
@@ -310,7 +311,7 @@ async fn copy_parts(
             "bad rows isolated"
         );
     }
-    Ok((written, refused))
+    Ok(refused)
 }
 
 /// COPYs the batch's dead letters (encoded rows) into their partition.
@@ -421,15 +422,6 @@ pub struct Written {
 }
 
 impl Written {
-    /// Adds what another batch of the same transaction wrote.
-    fn merge(&mut self, other: Written) {
-        for table in other.per_table {
-            self.add(table);
-        }
-        self.latencies.extend(other.latencies);
-        self.dead_letters.extend(other.dead_letters);
-    }
-
     fn add(&mut self, more: TableWritten) {
         match self.per_table.iter_mut().find(|t| t.table == more.table) {
             Some(entry) => {
