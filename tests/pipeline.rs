@@ -116,11 +116,65 @@ async fn events_land_exactly_once_in_partitions_created_on_demand() {
         ))
         .await;
     assert_eq!(offsets, 8, "two topics of four partitions");
+}
 
-    // A writer commits the batches of all its partitions holding rows in
-    // one transaction: rows of several Kafka partitions share one
-    // transaction start (`ingested_at` defaults to now()). With one
-    // transaction per partition, every start would hold one partition.
+/// A writer that cannot keep up commits every partition that fell due
+/// meanwhile in one transaction. The test holds the offsets table locked
+/// while weir reads a backlog, so the one writer is stuck in its first
+/// transaction and every partition falls due behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_writer_commits_its_due_partitions_in_one_transaction() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::new("flush", 4).await;
+    let s = &db.schema;
+    config.postgres.writers = 1;
+    let mut sent = common::generate(
+        Shape {
+            seed: 21,
+            ..Shape::default()
+        },
+        1000,
+    );
+    let target = common::produce(&topics, &mut sent).await;
+    // The writer's compare-and-set (UPDATE or INSERT) waits for this lock;
+    // reads of the table do not.
+    let locker = common::connect(&common::stack().database_url).await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE \"{s}\".weir_offsets IN SHARE ROW EXCLUSIVE MODE"
+        ))
+        .await
+        .expect("lock the offsets table");
+    let running = common::Running::start(config);
+    common::eventually(
+        "the writer waits for the offsets table",
+        Duration::from_secs(60),
+        || async {
+            db.count(&format!(
+                "SELECT count(*) FROM pg_locks WHERE relation = '\"{s}\".weir_offsets'::regclass \
+                   AND NOT granted"
+            ))
+            .await
+                > 0
+        },
+    )
+    .await;
+    // The backlog was read as soon as it flowed; this leaves every
+    // partition's linger (50 ms) ample time to pass while the writer waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    common::wait_for_offsets(&db, &group, target, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
+
+    // Rows of one transaction share `ingested_at` (its start, now()). At
+    // most two transactions (the stuck one and the one waiting for the
+    // writer) can have been cut before the rest fell due, so the four
+    // webhook partitions cannot each have had a transaction of their own.
     let shared_transactions = db
         .count(&format!(
             "SELECT count(*) FROM (SELECT ingested_at FROM \"{s}\".webhook_logs GROUP BY ingested_at \
