@@ -23,6 +23,9 @@
 //! target checks that both readers agree on every input.
 
 mod read;
+mod wanted;
+
+pub use wanted::{Wanted, Whole};
 
 use std::borrow::Cow;
 use std::fmt;
@@ -48,11 +51,18 @@ pub enum Json<'a> {
 pub struct Array<'a> {
     items: Vec<Json<'a>>,
     text: Option<&'a str>,
+    /// Read by [`Json::parse_wanted`] for the wanted items only: the others
+    /// are null placeholders, and it is never written from its items.
+    partial: bool,
 }
 
 impl<'a> From<Vec<Json<'a>>> for Array<'a> {
     fn from(items: Vec<Json<'a>>) -> Self {
-        Array { items, text: None }
+        Array {
+            items,
+            text: None,
+            partial: false,
+        }
     }
 }
 
@@ -86,6 +96,9 @@ impl PartialEq for Array<'_> {
 pub struct Object<'a> {
     members: Vec<(Cow<'a, str>, Json<'a>)>,
     text: Option<&'a str>,
+    /// Read by [`Json::parse_wanted`] with the wanted members only: it is
+    /// never written from its members.
+    partial: bool,
 }
 
 /// Equal values are equal whatever text they were read from.
@@ -107,6 +120,7 @@ impl<'a> Object<'a> {
 
     /// The members in document order (a repeated key appears each time).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
+        debug_assert!(!self.partial, "the members of a partial object were listed");
         self.members
             .iter()
             .map(|(key, value)| (key.as_ref(), value))
@@ -128,7 +142,18 @@ impl<'a> Json<'a> {
     pub fn parse(text: &'a str) -> Result<Json<'a>, serde_json::Error> {
         // weir's reader accepts only what serde_json accepts, and reads the
         // same values; anything it declines, serde_json decides.
-        read::read(text).or_else(|read::Declined| Json::parse_with_serde(text))
+        read::read(text, wanted::Want::All).or_else(|read::Declined| Json::parse_with_serde(text))
+    }
+
+    /// Reads `text` as [`Json::parse`] does (the same verdict and errors),
+    /// but builds only what `wanted` names: every value on a wanted path,
+    /// and the values read whole. Other members are left out, and other
+    /// items of an array are null placeholders. A value read whole by
+    /// `jsonb` only ([`Whole::Text`]) keeps its source text and is built
+    /// only as far as wanted below it, unless it has no source text to
+    /// give. Texts weir's reader declines are read whole by serde_json.
+    pub fn parse_wanted(text: &'a str, wanted: &Wanted) -> Result<Json<'a>, serde_json::Error> {
+        read::read(text, wanted.want()).or_else(|read::Declined| Json::parse_with_serde(text))
     }
 
     /// Reads `text` with `serde_json` alone: the reference [`Json::parse`]
@@ -227,6 +252,7 @@ impl Json<'_> {
             }
             Json::String(s) => write_string(out, s, refuse_nul)?,
             Json::Array(items) => {
+                debug_assert!(!items.partial, "a partial array was written");
                 out.push(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
@@ -306,24 +332,28 @@ fn write_string(out: &mut Vec<u8>, s: &str, refuse_nul: bool) -> Result<(), Hold
 }
 
 /// Where the next byte at or after `from` that must be escaped is. Most
-/// strings have none: eight bytes are checked at a time.
+/// strings have none: eight bytes are checked at a time, and the first byte
+/// found is read off the word's mask.
 fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // Whether any byte of `word` is zero; exact (no byte is reported when
-    // none is zero), since `word`'s own high bits are masked out.
-    let any_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS != 0;
+    // The high bit of every zero byte of `word`. Bytes above the lowest
+    // zero byte may be marked too (its borrow runs on), but none below it,
+    // so the lowest marked byte is the first zero byte; `word`'s own high
+    // bits are masked out.
+    let zeros = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
     let mut at = from;
     while let Some(chunk) = bytes.get(at..at + 8) {
         let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
         // Below 0x20: every byte minus 0x20 borrows into its high bit only
-        // if it was below 0x20 (or 0x80 and up, masked out by `!word`).
-        let control = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
-        if control
-            || any_zero(word ^ (ONES * b'"' as u64))
-            || any_zero(word ^ (ONES * b'\\' as u64))
-        {
-            break;
+        // if it was below 0x20 (or 0x80 and up, masked out by `!word`); as
+        // with `zeros`, the lowest marked byte is the first such byte.
+        let found = (word.wrapping_sub(ONES * 0x20) & !word & HIGHS)
+            | zeros(word ^ (ONES * b'"' as u64))
+            | zeros(word ^ (ONES * b'\\' as u64));
+        if found != 0 {
+            // Little-endian: the lowest marked byte comes first in `bytes`.
+            return Some(at + (found.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
@@ -349,6 +379,7 @@ impl From<serde_json::Value> for Json<'static> {
                     .map(|(key, value)| (Cow::Owned(key), Json::from(value)))
                     .collect(),
                 text: None,
+                partial: false,
             }),
         }
     }
@@ -459,6 +490,7 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Json::Object(Object {
             members,
             text: None,
+            partial: false,
         }))
     }
 }
@@ -661,7 +693,7 @@ mod tests {
         let mut accepted = 0;
         for text in texts {
             let theirs = Json::parse_with_serde(text);
-            if let Ok(ours) = read::read(text) {
+            if let Ok(ours) = read::read(text, wanted::Want::All) {
                 accepted += 1;
                 assert_eq!(Some(&ours), theirs.as_ref().ok(), "{text}");
             }
@@ -674,7 +706,124 @@ mod tests {
             }
         }
         assert!(accepted >= 20, "the reader itself read {accepted} texts");
-        assert_eq!(read::read(&past_limit), Err(read::Declined));
+        assert_eq!(
+            read::read(&past_limit, wanted::Want::All),
+            Err(read::Declined)
+        );
+    }
+
+    /// Pointers a mapping might read, and how: members, items by index and
+    /// by `*`, values read whole and as `jsonb` text.
+    const WANTED: &[(&str, Whole)] = &[
+        ("/a", Whole::Value),
+        ("/b/1", Whole::Text),
+        ("/c", Whole::Text),
+        ("/c/d", Whole::Value),
+        ("/k", Whole::Value),
+        ("/entry/*/changes/*/value/messages/*", Whole::Text),
+        ("/entry/*/changes/*/value/messages/*/id", Whole::Value),
+        (
+            "/entry/*/changes/*/value/statuses/*/errors/0/code",
+            Whole::Value,
+        ),
+        ("/entry/0/id", Whole::Value),
+    ];
+
+    /// [`Json::parse_wanted`] with [`WANTED`] against serde_json's reading
+    /// of `text` (`theirs`): the same verdict and error text, the same value
+    /// wherever a value is read whole, and for `jsonb` text either the text
+    /// the whole reading keeps or, without one, the whole value.
+    fn agrees_when_wanted_in_part(text: &str, theirs: &Result<Json<'_>, serde_json::Error>) {
+        use crate::decode::pointer::Pointer;
+        let mut wanted = Wanted::default();
+        let pointers: Vec<(Pointer, Whole)> = WANTED
+            .iter()
+            .map(|(text, how)| (Pointer::parse(text).unwrap(), *how))
+            .collect();
+        for (pointer, how) in &pointers {
+            pointer.wanted(&mut wanted).read_whole(*how);
+        }
+        wanted.settle();
+        let (part, whole) = match (Json::parse_wanted(text, &wanted), theirs) {
+            (Ok(part), Ok(_)) => (part, Json::parse(text).unwrap()),
+            (Err(ours), Err(theirs)) => {
+                return assert_eq!(ours.to_string(), theirs.to_string(), "{text}");
+            }
+            (ours, theirs) => panic!("`{text}`: wanted {ours:?}, serde_json {theirs:?}"),
+        };
+        for (pointer, how) in &pointers {
+            let mut found = Vec::new();
+            pointer.for_each_match(&part, &mut |value, _| found.push(value));
+            let mut expected = Vec::new();
+            pointer.for_each_match(&whole, &mut |value, _| expected.push(value));
+            assert_eq!(
+                found.len(),
+                expected.len(),
+                "{text} at {}",
+                pointer.as_str()
+            );
+            for (found, expected) in found.into_iter().zip(expected) {
+                match (how, expected.source_text()) {
+                    (Whole::Text, Some(source)) => {
+                        assert_eq!(found.source_text(), Some(source), "{text}")
+                    }
+                    _ => assert_eq!(found, expected, "{text} at {}", pointer.as_str()),
+                }
+            }
+        }
+    }
+
+    /// Only the wanted parts are built; what no pointer reads is left out
+    /// (members) or held by a null (items), and is still read through.
+    #[test]
+    fn only_the_wanted_parts_are_built() {
+        use crate::decode::pointer::Pointer;
+        let text = r#"{"a": {"x": 1, "y": [2, 3]}, "b": [{"p": 1}, {"q": "\u0000"}, 7], "c": {"d": [1], "e": {"f": 1.5}}, "z": "\u0000"}"#;
+        let mut wanted = Wanted::default();
+        for (pointer, how) in [
+            ("/a/x", Whole::Value),
+            ("/b/1", Whole::Text),
+            ("/c", Whole::Text),
+        ] {
+            Pointer::parse(pointer)
+                .unwrap()
+                .wanted(&mut wanted)
+                .read_whole(how);
+        }
+        wanted.settle();
+        let part = Json::parse_wanted(text, &wanted).unwrap();
+        let Json::Object(root) = &part else {
+            panic!("an object")
+        };
+        let keys: Vec<&str> = root.members.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(keys, ["a", "b", "c"], "`z` is not wanted");
+        assert!(root.partial && root.text.is_none(), "not read whole");
+        let Some(Json::Object(a)) = part.get("a") else {
+            panic!("`a`")
+        };
+        assert_eq!(a.members.len(), 1, "only `x` of `a`");
+        let b = part.get("b").unwrap().as_array().unwrap();
+        assert_eq!(b.len(), 3, "every item has its place");
+        assert_eq!(
+            (&b[0], &b[2]),
+            (&Json::Null, &Json::Null),
+            "items no pointer reads"
+        );
+        // `/b/1` holds U+0000, so it has no text to give: built whole.
+        assert_eq!(b[1], Json::parse(r#"{"q": "\u0000"}"#).unwrap());
+        // `/c` gives its text, and nothing below it is built.
+        let c = part.get("c").unwrap();
+        assert_eq!(c.source_text(), Some(r#"{"d": [1], "e": {"f": 1.5}}"#));
+        assert!(matches!(c, Json::Object(c) if c.members.is_empty() && c.partial));
+        // The verdict is the whole text's, wherever the error is.
+        let bad = r#"{"a": {"x": 1}, "z": [1, "\u12"]}"#;
+        assert_eq!(
+            Json::parse_wanted(bad, &wanted).unwrap_err().to_string(),
+            Json::parse_with_serde(bad).unwrap_err().to_string()
+        );
+        for text in EDGES.iter().chain(TEXTS) {
+            agrees_when_wanted_in_part(text, &Json::parse_with_serde(text));
+        }
     }
 
     /// The fuzz target's reader check, run by the test suite: the fuzz
@@ -749,6 +898,7 @@ mod tests {
             }
             let ours = Json::parse(&text);
             let theirs = Json::parse_with_serde(&text);
+            agrees_when_wanted_in_part(&text, &theirs);
             match (&ours, &theirs) {
                 (Ok(ours), Ok(theirs)) => {
                     accepted += 1;
@@ -790,6 +940,45 @@ mod tests {
         assert_eq!(plain.source_text(), Some(r#"{"a" : [ true ,null] }"#));
         // Read by serde_json alone, nothing keeps its text.
         assert_eq!(Json::parse_with_serde("[1]").unwrap().source_text(), None);
+    }
+
+    /// The word-at-a-time search finds the same first byte as a byte-by-byte
+    /// one, wherever it sits, whatever comes after it (a zero or control
+    /// byte's borrow marks the bytes above it too) and whatever the bytes
+    /// before it are.
+    #[test]
+    fn the_first_byte_to_escape_is_found_wherever_it_is() {
+        const BYTES: &[u8] = &[
+            0x00, 0x01, 0x1f, 0x20, 0x21, b'"', 0x23, b'\\', 0x5d, 0x7f, 0x80, 0x9f, 0xa0, 0xff,
+        ];
+        let slow = |bytes: &[u8], from: usize| {
+            (from..bytes.len()).find(|&at| ESCAPE[bytes[at] as usize] != 0)
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in 0..40 {
+            for _ in 0..400 {
+                // Mostly plain letters, so the first hit falls anywhere.
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| match next() % 8 {
+                        0 => BYTES[(next() % BYTES.len() as u64) as usize],
+                        _ => b'a' + (next() % 26) as u8,
+                    })
+                    .collect();
+                for from in 0..=len {
+                    assert_eq!(
+                        next_escape(&bytes, from),
+                        slow(&bytes, from),
+                        "{bytes:?} from {from}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

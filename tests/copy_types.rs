@@ -400,3 +400,155 @@ async fn jsonb_from_event_text_is_postgresqls_reading_of_that_text() {
         assert_eq!(stored, expected, "{text}");
     }
 }
+
+/// weir builds only the parts of an event its mappings read (see
+/// `weir::json::Wanted`). On the shipped mapping, for generated traffic
+/// (malformed events included) and for bodies made to reach the edges (a
+/// U+0000 or a long exponent where no column reads it, escaped and
+/// repeated keys, nesting past weir's reader), every row is byte for byte
+/// the row of a decoder that builds whole events, and every dead letter
+/// the same.
+#[tokio::test]
+async fn building_only_what_the_mapping_reads_changes_no_row_and_no_dead_letter() {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use weir::decode::Gathered;
+    use weir_loadtest::webhooks::Shape;
+
+    let db = common::TestDb::new("wanted").await;
+    let topics = common::Topics::new("wanted");
+    let config = common::config(&db.schema, &topics, "wanted", "");
+    db.migrate(&config).await;
+    let mut client = weir::store::db::connect(&common::stack().database_url, &config.postgres, "t")
+        .await
+        .expect("connect");
+    let wanted = weir::pipeline::prepare(&config, &mut client)
+        .await
+        .expect("prepare");
+    let mut everything = weir::pipeline::prepare(&config, &mut client)
+        .await
+        .expect("prepare");
+    Arc::get_mut(&mut everything.mappings)
+        .expect("not shared yet")
+        .want_everything();
+    let (wanted, everything) = (wanted.decoder(&config), everything.decoder(&config));
+
+    let now_secs = 1_763_800_000;
+    let event =
+        |topic: String, headers: Vec<(String, String)>, payload: Vec<u8>| weir::event::Event {
+            topic: Arc::from(topic.as_str()),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(now_secs * 1000),
+            key: None,
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.as_str().into(), Some(Bytes::from(v))))
+                .collect(),
+            payload: Bytes::from(payload),
+        };
+    let sent = common::generate(
+        Shape {
+            seed: 77,
+            malformed_share: 0.3,
+            now_secs,
+            ..Shape::default()
+        },
+        3_000,
+    );
+    let mut events: Vec<weir::event::Event> = sent
+        .events
+        .iter()
+        .map(|produced| {
+            let headers = produced
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            event(
+                topics.name(produced.topic),
+                headers,
+                produced.payload.clone(),
+            )
+        })
+        .collect();
+    let deep = format!("{}1{}", "[".repeat(110), "]".repeat(110));
+    let items = [
+        r#"{"from":"W","id":"m1","timestamp":"1763800000","type":"text","text":{"body":"hi"}}"#.to_string(),
+        r#"{"from":"W","id":"m2","timestamp":"1763800000","type":"text","context":{"x":"a\u0000"}}"#.to_string(),
+        r#"{"from":"W","id":"m3","timestamp":"1763800000","type":"text","extra":[1.0e-1000, 2]}"#.to_string(),
+        r#"{"from":"W","i\u0064":"m4","timestamp":"1763800000","ty\"pe":"x","type":"image","image":{"caption":"c"}}"#.to_string(),
+        r#"{"from":"W","id":"m5","id":"m5b","timestamp":"1763800000","type":"text"}"#.to_string(),
+        format!(r#"{{"from":"W","id":"m6","timestamp":"1763800000","type":"text","deep":{deep}}}"#),
+        r#"{"from":"W","id":"m7","timestamp":"1763800000","type":"text","text":{"body":"a\u0000b"}}"#.to_string(),
+        r#"{"from":"W","id":"m8","timestamp":"1763800000","type":"text","text":{"body":1e5000}}"#.to_string(),
+    ];
+    let statuses = [
+        r#"{"id":"s1","status":"failed","timestamp":"1763800000","recipient_id":"R","errors":[{"code":131026},{"code":2}],"pricing":{"billable":false}}"#,
+        r#"{"id":"s2","status":"sent","timestamp":"1763800000","recipient_id":"R","errors":[null,{"code":5}],"conversation":{"id":"c","origin":{"type":"x\u0000"}}}"#,
+    ];
+    let body = |messages: &str, statuses: &str| {
+        format!(
+            r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp","metadata":{{"display_phone_number":"1","phone_number_id":"P1"}},"contacts":[{{"profile":{{"name":"A"}},"wa_id":"W"}}],"messages":[{messages}],"statuses":[{statuses}]}}}}]}}]}}"#
+        )
+    };
+    let company = vec![(
+        "company_id".to_string(),
+        "6f1f7a7e-4b7a-4a39-9a61-5d3b9f0e2c11".to_string(),
+    )];
+    for item in &items {
+        events.push(event(
+            topics.webhooks(),
+            company.clone(),
+            body(item, "").into(),
+        ));
+    }
+    for status in statuses {
+        events.push(event(
+            topics.webhooks(),
+            company.clone(),
+            body("", status).into(),
+        ));
+    }
+    let all = body(&items.join(","), &statuses.join(","));
+    events.push(event(topics.webhooks(), company.clone(), all.into()));
+
+    let decode = |decoder: &weir::decode::Decoder| {
+        let mut out = Gathered::default();
+        for (message, event) in events.iter().enumerate() {
+            decoder.decode(event, message as u32, now_secs * 1_000_000, &mut out);
+        }
+        out
+    };
+    let (ours, reference) = (decode(&wanted), decode(&everything));
+    assert_eq!(ours.rows, reference.rows);
+    assert_eq!(ours.segments.len(), reference.segments.len());
+    for (ours, reference) in ours.segments.iter().zip(&reference.segments) {
+        let at = (ours.source, ours.table, ours.lo, ours.hi);
+        assert_eq!(
+            at,
+            (
+                reference.source,
+                reference.table,
+                reference.lo,
+                reference.hi
+            )
+        );
+        assert_eq!(ours.buf, reference.buf, "rows of segment {at:?}");
+        let metas = |rows: &[weir::copy::segment::RowMeta]| -> Vec<_> {
+            rows.iter()
+                .map(|r| (r.start, r.time, r.message, r.item))
+                .collect()
+        };
+        assert_eq!(metas(&ours.rows), metas(&reference.rows));
+    }
+    let letters = |out: &Gathered| format!("{:?}", out.dead_letters);
+    assert_eq!(letters(&ours), letters(&reference));
+    // The edges were reached: rows and dead letters of both kinds.
+    let codes: Vec<&str> = ours.dead_letters.iter().map(|d| d.code.as_ref()).collect();
+    for code in ["nul_character", "invalid_json"] {
+        assert!(codes.contains(&code), "no `{code}` dead letter");
+    }
+    assert!(ours.rows > 3_000, "{} rows", ours.rows);
+}

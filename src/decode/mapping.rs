@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::copy::{self, PgType};
 use crate::decode::pointer::Pointer;
+use crate::json::{Wanted, Whole};
 use crate::store::catalog::{ColumnInfo, TableInfo};
 
 /// Everything the decoder needs, shared read-only by all lanes.
@@ -23,8 +24,17 @@ use crate::store::catalog::{ColumnInfo, TableInfo};
 pub struct Mappings {
     pub tables: Vec<TableMapping>,
     pub sources: Vec<CompiledSource>,
-    /// Topic -> indices into `sources`.
-    pub by_topic: HashMap<String, Vec<usize>>,
+    /// Topic -> the sources reading it.
+    pub by_topic: HashMap<String, Readers>,
+}
+
+/// The sources reading one topic.
+#[derive(Debug, Default)]
+pub struct Readers {
+    /// Indices into `Mappings::sources`.
+    pub sources: Vec<usize>,
+    /// What they read of an event, together: all the parse builds.
+    pub wanted: Wanted,
 }
 
 impl Mappings {
@@ -35,7 +45,21 @@ impl Mappings {
     }
 
     pub fn sources_for(&self, topic: &str) -> &[usize] {
-        self.by_topic.get(topic).map(Vec::as_slice).unwrap_or(&[])
+        self.readers(topic).map_or(&[], |readers| &readers.sources)
+    }
+
+    /// The sources reading `topic`, if any.
+    pub fn readers(&self, topic: &str) -> Option<&Readers> {
+        self.by_topic.get(topic)
+    }
+
+    /// Makes every event be read whole, as if each column read all of it.
+    /// The rows and dead letters are the same either way: this is the
+    /// reference the tests hold [`Readers::wanted`] to.
+    pub fn want_everything(&mut self) {
+        for readers in self.by_topic.values_mut() {
+            readers.wanted = Wanted::everything();
+        }
     }
 }
 
@@ -100,6 +124,47 @@ pub enum Source {
     Const(crate::json::Json<'static>),
 }
 
+impl CompiledSource {
+    /// What this source reads of an event: its explode paths, and below
+    /// them (or the event) what its columns read, whole. A `jsonb` column
+    /// reads its value as text (see [`Whole::Text`]); any other, as a value.
+    pub fn wanted(&self) -> Wanted {
+        let mut root = Wanted::default();
+        for explode in &self.explode {
+            explode.path.wanted(&mut root);
+        }
+        for column in &self.columns {
+            let how = if column.ty == PgType::Jsonb {
+                Whole::Text
+            } else {
+                Whole::Value
+            };
+            match &column.source {
+                Source::Item(pointers) if self.explode.is_empty() => {
+                    for pointer in pointers {
+                        pointer.wanted(&mut root).read_whole(how);
+                    }
+                }
+                Source::Item(pointers) => {
+                    for explode in &self.explode {
+                        let item = explode.path.wanted(&mut root);
+                        for pointer in pointers {
+                            pointer.wanted(item).read_whole(how);
+                        }
+                    }
+                }
+                Source::Event(pointers) => {
+                    for pointer in pointers {
+                        pointer.wanted(&mut root).read_whole(how);
+                    }
+                }
+                Source::Kafka(_) | Source::Header(_) | Source::Weir(_) | Source::Const(_) => {}
+            }
+        }
+        root
+    }
+}
+
 /// Compiles every table's sources against the catalog entries in `infos`
 /// (same order as `tables`).
 pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings, ConfigError> {
@@ -126,12 +191,11 @@ pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings
                 &info,
                 source,
             )?;
+            let wanted = compiled.wanted();
             for topic in &source.topics {
-                mappings
-                    .by_topic
-                    .entry(topic.clone())
-                    .or_default()
-                    .push(compiled.index);
+                let readers = mappings.by_topic.entry(topic.clone()).or_default();
+                readers.sources.push(compiled.index);
+                readers.wanted.merge(&wanted);
             }
             mappings.sources.push(compiled);
         }
@@ -144,6 +208,10 @@ pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings
             conflict_columns,
             info,
         });
+    }
+    // Every pointer is in: items wanted by index also get what `*` wants.
+    for readers in mappings.by_topic.values_mut() {
+        readers.wanted.settle();
     }
     Ok(mappings)
 }

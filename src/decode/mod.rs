@@ -99,8 +99,7 @@ impl Decoder {
             );
             return self.outcome(out, rows_before, dead_before, false);
         }
-        let sources = self.mappings.sources_for(&event.topic);
-        if sources.is_empty() {
+        let Some(readers) = self.mappings.readers(&event.topic) else {
             dead(
                 out,
                 Stage::Route,
@@ -108,7 +107,7 @@ impl Decoder {
                 format!("no table reads topic `{}`", event.topic),
             );
             return self.outcome(out, rows_before, dead_before, false);
-        }
+        };
         // One SIMD UTF-8 check of the whole payload, then a parse that need
         // not check each string again.
         let Ok(text) = simdutf8::basic::from_utf8(&event.payload) else {
@@ -120,8 +119,9 @@ impl Decoder {
             );
             return self.outcome(out, rows_before, dead_before, false);
         };
-        // Strings borrow from the payload; see `crate::json`.
-        let root = match Json::parse(text) {
+        // Strings borrow from the payload; see `crate::json`. Only what the
+        // topic's mappings read is built; the verdict is the whole text's.
+        let root = match Json::parse_wanted(text, &readers.wanted) {
             Ok(root) => root,
             Err(err) => {
                 let text = err.to_string();
@@ -136,7 +136,7 @@ impl Decoder {
         };
 
         let mut items_seen = 0usize;
-        for &source_index in sources {
+        for &source_index in &readers.sources {
             let source = &self.mappings.sources[source_index];
             for item in explode(source, &root) {
                 items_seen += 1;

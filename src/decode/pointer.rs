@@ -7,7 +7,7 @@
 //! *event pointer* its wildcards are *bound* to an item's indices, so
 //! `/entry/*/changes/*/value/metadata` reaches the envelope of that very item.
 
-use crate::json::Json;
+use crate::json::{Json, Wanted};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
@@ -114,6 +114,17 @@ impl Pointer {
     ) {
         let mut indices = Vec::with_capacity(self.wildcards());
         walk(&self.tokens, root, &mut indices, found);
+    }
+
+    /// The part of `wanted` this pointer reaches, added if new; a `*`
+    /// wants every item of an array.
+    pub fn wanted<'w>(&self, wanted: &'w mut Wanted) -> &'w mut Wanted {
+        self.tokens
+            .iter()
+            .fold(wanted, |wanted, token| match token {
+                Token::Key { key, index } => wanted.member(key, *index),
+                Token::Wildcard => wanted.items(),
+            })
     }
 
     /// The concrete pointer of a match: wildcards replaced by `indices`.

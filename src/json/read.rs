@@ -12,9 +12,15 @@
 //!
 //! The text was checked to be UTF-8 before, so strings are only scanned
 //! for their quote, backslashes and control characters.
+//!
+//! Given a [`Wanted`], it builds only the wanted parts: every other value is
+//! read through by [`Reader::skip`], which checks exactly what building it
+//! checks (so the verdict is the same) and says whether its text may go to
+//! `jsonb`, but builds nothing. Such arrays and objects are *partial*.
 
 use std::borrow::Cow;
 
+use super::wanted::{Want, Whole};
 use super::{Array, Json, Object, next_escape};
 
 /// Nesting read here. serde_json allows 128: deeper texts are declined and
@@ -32,15 +38,16 @@ const MAX_EXPONENT_DIGITS: usize = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Declined;
 
-/// Reads `text`, which must hold exactly one JSON value.
-pub(super) fn read(text: &str) -> Result<Json<'_>, Declined> {
+/// Reads `text`, which must hold exactly one JSON value, building what
+/// `want` names of it.
+pub(super) fn read<'a>(text: &'a str, want: Want<'_>) -> Result<Json<'a>, Declined> {
     let mut reader = Reader {
         text,
         bytes: text.as_bytes(),
         at: 0,
     };
     reader.skip_whitespace();
-    let (value, _) = reader.value(0)?;
+    let (value, _) = reader.value(0, want)?;
     reader.skip_whitespace();
     if reader.at != reader.bytes.len() {
         return Err(Declined);
@@ -75,10 +82,10 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Read<'a> {
+    fn value(&mut self, depth: usize, want: Want<'_>) -> Read<'a> {
         match self.peek().ok_or(Declined)? {
-            b'{' => self.object(depth + 1),
-            b'[' => self.array(depth + 1),
+            b'{' => self.object(depth + 1, want),
+            b'[' => self.array(depth + 1, want),
             b'"' => {
                 let (text, holds_nul) = self.string()?;
                 Ok((Json::String(text), !holds_nul))
@@ -99,9 +106,14 @@ impl<'a> Reader<'a> {
         Ok((value, true))
     }
 
-    fn object(&mut self, depth: usize) -> Read<'a> {
+    fn object(&mut self, depth: usize, want: Want<'_>) -> Read<'a> {
         let start = self.at;
-        let mut members = Vec::new();
+        // A partial object keeps at most the wanted members (but for a
+        // repeated key): room for them all saves regrowing.
+        let mut members = match want {
+            Want::All => Vec::new(),
+            Want::Part(wanted) => Vec::with_capacity(wanted.members.len()),
+        };
         let raw = self.elements(depth, b'}', |reader| {
             if reader.peek() != Some(b'"') {
                 return Err(Declined);
@@ -112,24 +124,112 @@ impl<'a> Reader<'a> {
                 return Err(Declined);
             }
             reader.skip_whitespace();
-            let (value, value_raw) = reader.value(depth)?;
-            members.push((key, value));
+            let member = match want {
+                Want::All => Some(Want::All),
+                Want::Part(wanted) => wanted.of_member(&key),
+            };
+            let value_raw = match member {
+                Some(member) => {
+                    let (value, value_raw) = reader.value(depth, member)?;
+                    members.push((key, value));
+                    value_raw
+                }
+                None => reader.skip(depth)?,
+            };
             Ok(!key_holds_nul && value_raw)
         })?;
-        let text = raw.then(|| &self.text[start..self.at]);
-        Ok((Json::Object(Object { members, text }), raw))
+        let Some((text, partial)) = self.kept(start, raw, want) else {
+            return self.object(depth, Want::All);
+        };
+        let object = Object {
+            members,
+            text,
+            partial,
+        };
+        Ok((Json::Object(object), raw))
     }
 
-    fn array(&mut self, depth: usize) -> Read<'a> {
+    fn array(&mut self, depth: usize, want: Want<'_>) -> Read<'a> {
         let start = self.at;
         let mut items = Vec::new();
         let raw = self.elements(depth, b']', |reader| {
-            let (item, item_raw) = reader.value(depth)?;
-            items.push(item);
-            Ok(item_raw)
+            let item = match want {
+                Want::All => Some(Want::All),
+                Want::Part(wanted) => wanted.of_item(items.len()),
+            };
+            match item {
+                Some(item) => {
+                    let (value, item_raw) = reader.value(depth, item)?;
+                    items.push(value);
+                    Ok(item_raw)
+                }
+                None => {
+                    let item_raw = reader.skip(depth)?;
+                    // Holds the item's place; nothing reads it.
+                    items.push(Json::Null);
+                    Ok(item_raw)
+                }
+            }
         })?;
+        let Some((text, partial)) = self.kept(start, raw, want) else {
+            return self.array(depth, Want::All);
+        };
+        let array = Array {
+            items,
+            text,
+            partial,
+        };
+        Ok((Json::Array(array), raw))
+    }
+
+    /// For the array or object read from `start` to here: the text it keeps
+    /// and whether it is partial; or `None` when it must be read again
+    /// whole (from `start`, where this leaves the reader), because a
+    /// `jsonb` column reads it and it has no text to give.
+    fn kept(&mut self, start: usize, raw: bool, want: Want<'_>) -> Option<(Option<&'a str>, bool)> {
         let text = raw.then(|| &self.text[start..self.at]);
-        Ok((Json::Array(Array { items, text }), raw))
+        match want {
+            Want::All => Some((text, false)),
+            Want::Part(wanted) => match wanted.whole {
+                Whole::Text if !raw => {
+                    self.at = start;
+                    None
+                }
+                Whole::Text => Some((text, true)),
+                // Nothing reads this value whole, so nothing reads its text.
+                _ => Some((None, true)),
+            },
+        }
+    }
+
+    /// Reads through one value, building nothing; whether its text may go
+    /// to `jsonb` as it is. Checks what [`Reader::value`] checks, at the
+    /// same depths.
+    fn skip(&mut self, depth: usize) -> Result<bool, Declined> {
+        match self.peek().ok_or(Declined)? {
+            b'{' => self.elements(depth + 1, b'}', |reader| {
+                if reader.peek() != Some(b'"') {
+                    return Err(Declined);
+                }
+                let key_holds_nul = reader.skip_string()?;
+                reader.skip_whitespace();
+                if !reader.eat(b':') {
+                    return Err(Declined);
+                }
+                reader.skip_whitespace();
+                let value_raw = reader.skip(depth + 1)?;
+                Ok(!key_holds_nul && value_raw)
+            }),
+            b'[' => self.elements(depth + 1, b']', |reader| reader.skip(depth + 1)),
+            b'"' => Ok(!self.skip_string()?),
+            b't' => self.literal(b"true", Json::Bool(true)).map(|(_, raw)| raw),
+            b'f' => self
+                .literal(b"false", Json::Bool(false))
+                .map(|(_, raw)| raw),
+            b'n' => self.literal(b"null", Json::Null).map(|(_, raw)| raw),
+            b'-' | b'0'..=b'9' => self.number().map(|(_, raw)| raw),
+            _ => Err(Declined),
+        }
     }
 
     /// The members of an object or items of an array, at its opening
@@ -195,6 +295,28 @@ impl<'a> Reader<'a> {
                 _ => return Err(Declined),
             }
             at = next_escape(self.bytes, run).ok_or(Declined)?;
+        }
+    }
+
+    /// Reads through a string at its opening quote, checking it as
+    /// [`Reader::string`] does; whether it holds U+0000.
+    fn skip_string(&mut self) -> Result<bool, Declined> {
+        let mut holds_nul = false;
+        let mut at = next_escape(self.bytes, self.at + 1).ok_or(Declined)?;
+        loop {
+            match self.bytes[at] {
+                b'"' => {
+                    self.at = at + 1;
+                    return Ok(holds_nul);
+                }
+                b'\\' => {
+                    let (ch, next) = self.escape(at + 1)?;
+                    holds_nul |= ch == '\0';
+                    at = next_escape(self.bytes, next).ok_or(Declined)?;
+                }
+                // A control character must be escaped in JSON.
+                _ => return Err(Declined),
+            }
         }
     }
 
