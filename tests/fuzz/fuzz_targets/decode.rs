@@ -157,9 +157,9 @@ fuzz_target!(|data: &[u8]| {
             check_source_texts(&doc);
         }
     }
-    let decoder = decoder(false);
+    let wanted = decoder(false);
     let mut out = Gathered::default();
-    let outcome = decoder.decode(&event, 0, 1_763_800_000_000_000, &mut out);
+    let outcome = wanted.decode(&event, 0, 1_763_800_000_000_000, &mut out);
     // Building only what the mapping reads changes no row and no dead letter.
     let mut reference = Gathered::default();
     decoder(true).decode(&event, 0, 1_763_800_000_000_000, &mut reference);
@@ -172,7 +172,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(outcome.rows + outcome.dead_letters > 0 || outcome.skipped, "every event is accounted for");
     assert_eq!(outcome.rows, out.segments.iter().map(|s| s.rows.len()).sum::<usize>());
     for segment in out.segments {
-        let width = decoder.mappings.sources[segment.source].columns.len();
+        let width = wanted.mappings.sources[segment.source].columns.len();
         let sealed = segment.seal();
         for row in 0..sealed.rows.len() {
             let bytes = &sealed.buf[sealed.row_range(row)];
