@@ -128,7 +128,7 @@ impl CompiledSource {
     /// What this source reads of an event: its explode paths, and below
     /// them (or the event) what its columns read, whole. A `jsonb` column
     /// reads its value as text (see [`Whole::Text`]); any other, as a value.
-    pub fn wanted(&self) -> Wanted {
+    fn wanted(&self) -> Wanted {
         let mut root = Wanted::default();
         for explode in &self.explode {
             explode.path.wanted(&mut root);
@@ -139,26 +139,27 @@ impl CompiledSource {
             } else {
                 Whole::Value
             };
-            match &column.source {
-                Source::Item(pointers) if self.explode.is_empty() => {
-                    for pointer in pointers {
-                        pointer.wanted(&mut root).read_whole(how);
-                    }
+            // Item pointers start at each explode path's items (without
+            // explode paths, the event is the one item); event pointers at
+            // the event.
+            let (pointers, from_items) = match &column.source {
+                Source::Item(pointers) => (pointers, !self.explode.is_empty()),
+                Source::Event(pointers) => (pointers, false),
+                Source::Kafka(_) | Source::Header(_) | Source::Weir(_) | Source::Const(_) => {
+                    continue;
                 }
-                Source::Item(pointers) => {
-                    for explode in &self.explode {
-                        let item = explode.path.wanted(&mut root);
-                        for pointer in pointers {
-                            pointer.wanted(item).read_whole(how);
-                        }
-                    }
+            };
+            let read = |start: &mut Wanted| {
+                for pointer in pointers {
+                    pointer.wanted(start).read_whole(how);
                 }
-                Source::Event(pointers) => {
-                    for pointer in pointers {
-                        pointer.wanted(&mut root).read_whole(how);
-                    }
+            };
+            if from_items {
+                for explode in &self.explode {
+                    read(explode.path.wanted(&mut root));
                 }
-                Source::Kafka(_) | Source::Header(_) | Source::Weir(_) | Source::Const(_) => {}
+            } else {
+                read(&mut root);
             }
         }
         root
