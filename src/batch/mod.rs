@@ -15,7 +15,6 @@
 //! COMMIT for all of them, not one per lane. The writer writes a flush while
 //! the next one is gathered.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,7 +167,8 @@ pub struct Batcher {
 
 impl Batcher {
     pub async fn run(mut self) {
-        let mut lanes: HashMap<(Arc<str>, i32), Gathering> = HashMap::new();
+        // Looked up once per event: foldhash, not SipHash.
+        let mut lanes: foldhash::HashMap<(Arc<str>, i32), Gathering> = Default::default();
         // Events are taken from the queue in chunks: under a backlog the
         // linger timer and the channel are polled once per chunk, not once
         // per message.
@@ -236,7 +236,11 @@ impl Batcher {
 
     /// Takes one lane event in: starts or ends a lane, or decodes a message
     /// into its lane's batch (cutting the batch when it is full).
-    async fn take(&self, lanes: &mut HashMap<(Arc<str>, i32), Gathering>, event: LaneEvent) {
+    async fn take(
+        &self,
+        lanes: &mut foldhash::HashMap<(Arc<str>, i32), Gathering>,
+        event: LaneEvent,
+    ) {
         match event {
             LaneEvent::Assigned {
                 topic,

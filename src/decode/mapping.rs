@@ -7,7 +7,6 @@
 //! fills, an envelope pointer that does not line up with the explode path...
 //! each is reported once, at start, naming the config field.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{
@@ -25,7 +24,7 @@ pub struct Mappings {
     pub tables: Vec<TableMapping>,
     pub sources: Vec<CompiledSource>,
     /// Topic -> the sources reading it.
-    pub by_topic: HashMap<String, Readers>,
+    pub by_topic: foldhash::HashMap<String, Readers>,
 }
 
 /// The sources reading one topic.
@@ -172,7 +171,7 @@ pub fn compile(tables: &[TableConfig], infos: Vec<TableInfo>) -> Result<Mappings
     let mut mappings = Mappings {
         tables: Vec::new(),
         sources: Vec::new(),
-        by_topic: HashMap::new(),
+        by_topic: Default::default(),
     };
     for (table_index, (config, info)) in tables.iter().zip(infos).enumerate() {
         let at = format!("tables[{table_index}]");

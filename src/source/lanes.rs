@@ -13,9 +13,13 @@
 //! - a lane that ends (revoked, lost or reloaded) leaves nothing held and
 //!   nothing charged behind; its next start decides its pause state afresh.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
+
+// Looked up once per message taken: foldhash, not SipHash (the keys are
+// topic names and partition numbers, which a producer cannot choose).
+use foldhash::{HashMap, HashSet};
 
 use crate::lane::LaneEvent;
 
@@ -76,15 +80,15 @@ pub(super) struct Lanes {
 impl Lanes {
     pub fn new(writers: usize) -> Self {
         Lanes {
-            lanes: HashMap::new(),
+            lanes: HashMap::default(),
             next_epoch: 1,
             held: (0..writers).map(|_| VecDeque::new()).collect(),
             arena: super::arena::Arena::default(),
-            pending_commits: HashMap::new(),
+            pending_commits: HashMap::default(),
             over_budget: false,
             blocked: vec![false; writers],
-            paused: HashSet::new(),
-            own_queue: HashSet::new(),
+            paused: HashSet::default(),
+            own_queue: HashSet::default(),
             reloads_due: Vec::new(),
         }
     }

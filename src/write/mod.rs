@@ -70,8 +70,9 @@ pub struct Writer {
     session: Option<Session>,
     /// Lanes fenced at an epoch: their batches up to that epoch are dropped.
     fenced: HashMap<(Arc<str>, i32), u64>,
-    /// End-to-end histograms by table index.
-    latency: HashMap<usize, (metrics::Histogram, metrics::Histogram)>,
+    /// End-to-end histograms by table index, registered on first use
+    /// (each row records into them: no lookup by name per row).
+    latency: Vec<Option<(metrics::Histogram, metrics::Histogram)>>,
     /// Where written segment buffers go back to (the batcher's pool).
     pool: BufferPool,
 }
@@ -84,7 +85,7 @@ impl Writer {
             shared,
             session: None,
             fenced: HashMap::new(),
-            latency: HashMap::new(),
+            latency: Vec::new(),
             pool,
         }
     }
@@ -314,10 +315,12 @@ impl Writer {
 
     /// Cached end-to-end histograms of a table (from Kafka, from event time).
     fn latency_histograms(&mut self, table: usize) -> &(metrics::Histogram, metrics::Histogram) {
-        let name = self.shared.decoder.mappings.tables[table]
-            .name()
-            .to_string();
-        self.latency.entry(table).or_insert_with(|| {
+        if self.latency.len() <= table {
+            self.latency.resize_with(table + 1, || None);
+        }
+        let tables = &self.shared.decoder.mappings.tables;
+        self.latency[table].get_or_insert_with(|| {
+            let name = tables[table].name().to_string();
             (
                 histogram!(m::END_TO_END, "table" => name.clone(), "from" => "kafka"),
                 histogram!(m::END_TO_END, "table" => name, "from" => "event"),
