@@ -802,3 +802,58 @@ async fn records_deleted_before_weir_read_them_are_a_counted_gap() {
     assert_eq!(resets, 0.0, "a forward jump is not a reset");
     common::assert_exactly_once(&db, &held, &topics).await;
 }
+
+/// A backlog does not wait for the linger. With a linger of ten minutes and
+/// far fewer rows than a batch holds, the only thing that can cut a batch
+/// early is that the partition holds more than weir has read: its batches
+/// go to the writer as soon as it can take them. (Only what is read once
+/// caught up with the partition's end lingers; stopping flushes it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_without_waiting_for_the_linger() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        mut config,
+    } = Fixture::new("backlog", 1).await;
+    let recorder = recorder();
+    config.pipeline.batch_linger_ms = 600_000;
+    let mut sent = common::generate(
+        Shape {
+            seed: 95,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        3_000,
+    );
+    common::produce(&topics, &mut sent).await;
+    let rows: usize = sent.events.iter().map(|event| event.rows.len()).sum();
+    assert!(
+        rows < config.pipeline.batch_max_rows,
+        "{rows} rows: below one batch"
+    );
+    let running = Running::start(config);
+    let webhooks = topics.webhooks();
+    let started = std::time::Instant::now();
+    while stored_at(&db, &group, &webhooks, 0).await.is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            // Say where it stood: read? lagging? (weir records into the
+            // process's recorder; only this test's topic is shown.)
+            let (_, ready) = common::http_get(running.port, "/readyz").await;
+            let metrics = recorder.render();
+            let lines: Vec<&str> = metrics
+                .lines()
+                .filter(|line| line.contains(webhooks.as_str()))
+                .collect();
+            panic!(
+                "nothing committed after 120 s, with a backlog and a 600 s linger;\n\
+                 readyz: {ready}\n{}",
+                lines.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("first commit after {:?}", started.elapsed());
+    running.stop().await;
+    common::assert_exactly_once(&db, &sent, &topics).await;
+}

@@ -342,6 +342,7 @@ mod tests {
                 payload: Bytes::new(),
             },
             charged,
+            behind: false,
         });
     }
 

@@ -520,7 +520,10 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             Some(Ok(message)) => {
                 // Time to get a message from librdkafka (wait included).
                 poll_time.record(polled.elapsed().as_secs_f64());
-                take(&consumer, &message, &writers, &in_flight);
+                // Rare (partitions without a queue of their own): the
+                // watermark is read per message.
+                let high = high_watermark(&consumer, message.topic(), message.partition());
+                take(&consumer, &message, &writers, &in_flight, high);
             }
             Some(Err(err)) => consume_error(&health, err),
             None => {}
@@ -739,6 +742,12 @@ fn read_lanes(
         // A writer whose queue is full takes no more this round: what it
         // did not take stays in librdkafka, not in weir.
         full[writer] = full[writer] || !ctx.state().held[writer].is_empty();
+        if full[writer] {
+            continue;
+        }
+        // Read once per round: it only grows, so a message before it is
+        // behind the partition's end even if more arrived since.
+        let high = high_watermark(consumer, &key.0, key.1);
         for _ in 0..LANE_ROUND {
             if full[writer] {
                 break;
@@ -748,7 +757,7 @@ fn read_lanes(
                 Some(Ok(message)) => {
                     // Time to get a message from librdkafka.
                     poll_time.record(polled.elapsed().as_secs_f64());
-                    full[writer] = take(consumer, &message, writers, in_flight);
+                    full[writer] = take(consumer, &message, writers, in_flight, high);
                     took += 1;
                 }
                 Some(Err(err)) => consume_error(health, err),
@@ -757,6 +766,34 @@ fn read_lanes(
         }
     }
     took
+}
+
+/// The partition's high watermark as of librdkafka's last fetch response
+/// for it (no request to the broker); -1 when none is known yet.
+fn high_watermark(consumer: &BaseConsumer<WeirContext>, topic: &str, partition: i32) -> i64 {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return -1;
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; the
+    // topic is a NUL-terminated string that outlives the call; `low` and
+    // `high` are valid for writes. librdkafka reads its cached offsets
+    // under its own lock. rust-rdkafka wraps only the variant that asks
+    // the broker (`fetch_watermarks`), a round trip per call.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        high
+    } else {
+        -1
+    }
 }
 
 /// Messages a newly assigned partition holds past `stored` (past its
@@ -818,6 +855,13 @@ fn apply_backpressure(
         && let Err(err) = consumer.pause(&to_pause)
     {
         tracing::warn!(error = %err, "cannot pause partitions");
+    }
+    if !change.resume.is_empty() {
+        tracing::debug!(
+            partitions = change.resume.len(),
+            in_flight_bytes = in_flight,
+            "partitions resumed after backpressure"
+        );
     }
     if to_resume.count() > 0
         && let Err(err) = consumer.resume(&to_resume)
@@ -917,6 +961,7 @@ fn take(
     message: &BorrowedMessage<'_>,
     writers: &[Sender<LaneEvent>],
     in_flight: &InFlight,
+    high_watermark: i64,
 ) -> bool {
     let ctx = consumer.context();
     let mut state = ctx.state();
@@ -951,6 +996,7 @@ fn take(
     let charged = crate::lane::charge_for(&event);
     in_flight.charge(charged);
     let lane_event = LaneEvent::Message {
+        behind: event.offset + 1 < high_watermark,
         epoch,
         event,
         charged,

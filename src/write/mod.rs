@@ -118,11 +118,21 @@ impl Writer {
                     continue;
                 }
             };
-            idle.record(waiting.elapsed().as_secs_f64());
+            let waited = waiting.elapsed();
+            idle.record(waited.as_secs_f64());
             let Some(flush) = flush else { break };
             let started = std::time::Instant::now();
             self.handle(&flush).await;
-            writing.record(started.elapsed().as_secs_f64());
+            let wrote = started.elapsed();
+            writing.record(wrote.as_secs_f64());
+            tracing::debug!(
+                writer = self.index,
+                batches = flush.len(),
+                rows = flush.iter().map(|batch| batch.rows).sum::<usize>(),
+                idle_ms = waited.as_secs_f64() * 1e3,
+                writing_ms = wrote.as_secs_f64() * 1e3,
+                "flush written"
+            );
             for segment in flush.into_iter().flat_map(|batch| batch.segments) {
                 self.pool.give(segment.buf);
                 self.pool.give_rows(segment.rows);
