@@ -36,9 +36,9 @@ pub enum LaneEvent {
         epoch: u64,
         event: Event,
         charged: usize,
-        /// The partition held more messages than this one when it was read
-        /// (its high watermark, as of the last fetch, was past it): a
-        /// backlog, which never waits for the linger.
+        /// The partition held many more messages past this one when it was
+        /// read (its high watermark, as of the last fetch, was more than a
+        /// read round past it): a backlog, which never waits for the linger.
         behind: bool,
     },
 }

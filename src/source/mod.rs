@@ -996,7 +996,10 @@ fn take(
     let charged = crate::lane::charge_for(&event);
     in_flight.charge(charged);
     let lane_event = LaneEvent::Message {
-        behind: event.offset + 1 < high_watermark,
+        // More than a read round from the partition's end: a backlog. Live
+        // traffic, read as it arrives, stays within a round of the end (a
+        // fetch response's worth) and keeps the linger.
+        behind: high_watermark - (event.offset + 1) > LANE_ROUND as i64,
         epoch,
         event,
         charged,
