@@ -742,12 +742,12 @@ fn read_lanes(
         // A writer whose queue is full takes no more this round: what it
         // did not take stays in librdkafka, not in weir.
         full[writer] = full[writer] || !ctx.state().held[writer].is_empty();
-        if full[writer] {
-            continue;
-        }
-        // Read once per round: it only grows, so a message before it is
-        // behind the partition's end even if more arrived since.
-        let high = high_watermark(consumer, &key.0, key.1);
+        // Read once per round, and only once the round has a message (most
+        // rounds of an idle lane have none): after that message was polled
+        // it counts the fetch that brought it, and it only grows, so a
+        // message before it is behind the partition's end even if more
+        // arrived since.
+        let mut high = None;
         for _ in 0..LANE_ROUND {
             if full[writer] {
                 break;
@@ -757,6 +757,7 @@ fn read_lanes(
                 Some(Ok(message)) => {
                     // Time to get a message from librdkafka.
                     poll_time.record(polled.elapsed().as_secs_f64());
+                    let high = *high.get_or_insert_with(|| high_watermark(consumer, &key.0, key.1));
                     full[writer] = take(consumer, &message, writers, in_flight, high);
                     took += 1;
                 }
