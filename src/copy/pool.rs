@@ -45,6 +45,9 @@ impl BufferPool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The largest buffer held, or a fresh one. A lane's first segment is
+    /// most often its biggest (the current day's leaf), so largest first
+    /// saves regrowing (a copy, and fresh pages) for most rows.
     pub fn take(&self) -> BytesMut {
         let mut inner = self.lock();
         match inner.buffers.pop() {
@@ -56,7 +59,7 @@ impl BufferPool {
         }
     }
 
-    /// An empty row index, reused when one is held.
+    /// An empty row index, the largest held, or a fresh one.
     pub fn take_rows(&self) -> Vec<RowMeta> {
         let mut inner = self.lock();
         match inner.rows.pop() {
@@ -74,7 +77,10 @@ impl BufferPool {
         let mut inner = self.lock();
         if inner.held + rows_bytes(&rows) <= inner.budget {
             inner.held += rows_bytes(&rows);
-            inner.rows.push(rows);
+            let at = inner
+                .rows
+                .partition_point(|held| held.capacity() <= rows.capacity());
+            inner.rows.insert(at, rows);
         }
     }
 
@@ -86,7 +92,11 @@ impl BufferPool {
             let mut inner = self.lock();
             if inner.held + buf.capacity() <= inner.budget {
                 inner.held += buf.capacity();
-                inner.buffers.push(buf);
+                // Kept in order of capacity: `take` hands out the largest.
+                let at = inner
+                    .buffers
+                    .partition_point(|held| held.capacity() <= buf.capacity());
+                inner.buffers.insert(at, buf);
             }
         }
     }
@@ -130,6 +140,21 @@ mod tests {
         let shared = Bytes::from(vec![1u8; 16]);
         let _clone = shared.clone();
         pool.give(shared);
+        assert_eq!(pool.held(), 0);
+    }
+
+    #[test]
+    fn the_largest_buffer_is_handed_out_first() {
+        let pool = BufferPool::new(16 * 1024 * 1024);
+        for size in [512 * 1024, 4 * 1024 * 1024, 1024 * 1024] {
+            let mut buf = BytesMut::with_capacity(size);
+            buf.extend_from_slice(&[1]);
+            pool.give(buf.freeze());
+        }
+        let capacities: Vec<usize> = (0..3).map(|_| pool.take().capacity()).collect();
+        assert!(capacities[0] >= 4 * 1024 * 1024, "{capacities:?}");
+        assert!(capacities[1] >= 1024 * 1024 && capacities[1] < 4 * 1024 * 1024);
+        assert!(capacities[2] < 1024 * 1024);
         assert_eq!(pool.held(), 0);
     }
 

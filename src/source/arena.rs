@@ -6,9 +6,15 @@
 //! allocations per message on the consumer thread, each freed later on a
 //! writer thread (a cross-thread free). [`Arena`] copies them instead into
 //! a shared block of [`Arena::BLOCK`] bytes and hands out `Bytes` views of
-//! it: one allocation per block, and a block whose views are all dropped
-//! (its batch committed) is reused in place.
+//! it: one allocation per block. A full block is retired, and reused once
+//! all its views are dropped (its batch committed): weir returns freed
+//! memory to the system at once (see `main.rs`), so a fresh block for every
+//! 64 KiB of messages meant faulting in and zeroing its pages every time
+//! (a fifth of weir's CPU in a backlog, with the other buffers that did so).
+//! The blocks kept are bounded by the in-flight budget, which bounds the
+//! bytes in flight that they hold.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +23,13 @@ use bytes::{Bytes, BytesMut};
 #[derive(Debug, Default)]
 pub struct Arena {
     block: BytesMut,
+    /// Whether `block` is a standard block (not one sized for a big
+    /// message), and so worth retiring for reuse.
+    standard: bool,
+    /// Full standard blocks, oldest first, each reused once nothing views
+    /// it any more. At most `keep` of them.
+    retired: VecDeque<BytesMut>,
+    keep: usize,
     /// Topic and header names seen, shared. A consumer meets a handful, so
     /// a scan of a short list beats hashing each name.
     names: Vec<Arc<str>>,
@@ -32,19 +45,71 @@ impl Arena {
     /// beyond these (a producer inventing header names) are copied.
     const MAX_NAMES: usize = 32;
 
+    /// Retired blocks tried for reuse before a fresh one is allocated. The
+    /// oldest is the likeliest to be free; one still viewed (a slow lane's)
+    /// goes to the back, so it does not keep the others from reuse.
+    const TRIES: usize = 2;
+
+    /// An arena keeping up to `keep_bytes` of full blocks for reuse: the
+    /// in-flight budget, which bounds what their views can hold.
+    pub fn new(keep_bytes: usize) -> Self {
+        Arena {
+            keep: keep_bytes / Self::BLOCK,
+            ..Arena::default()
+        }
+    }
+
     /// A copy of `bytes`, as a view into the current block.
     pub fn copy(&mut self, bytes: &[u8]) -> Bytes {
         if bytes.is_empty() {
             return Bytes::new();
         }
         if self.block.capacity() - self.block.len() < bytes.len() {
-            // Reuses the current block in place when nothing views it any
-            // more (`BytesMut::reserve` reclaims a buffer no other handle
-            // shares), and allocates a fresh one otherwise.
-            self.block.reserve(bytes.len().max(Self::BLOCK));
+            self.next_block(bytes.len());
         }
         self.block.extend_from_slice(bytes);
         self.block.split().freeze()
+    }
+
+    /// Makes room for `len` more bytes: the current block again when
+    /// nothing views it any more, else a retired one no one views, else a
+    /// fresh one.
+    fn next_block(&mut self, len: usize) {
+        let size = len.max(Self::BLOCK);
+        // `try_reclaim` succeeds only when this handle is the last one on
+        // its allocation (every view dropped): reuse never overwrites bytes
+        // a batch still holds.
+        if self.block.try_reclaim(size) {
+            return;
+        }
+        let reused = if size == Self::BLOCK {
+            self.reclaim_retired()
+        } else {
+            None
+        };
+        let full = std::mem::replace(
+            &mut self.block,
+            reused.unwrap_or_else(|| BytesMut::with_capacity(size)),
+        );
+        if self.standard && self.keep > 0 {
+            if self.retired.len() == self.keep {
+                // Dropping the handle frees the block once its views go.
+                self.retired.pop_front();
+            }
+            self.retired.push_back(full);
+        }
+        self.standard = size == Self::BLOCK;
+    }
+
+    fn reclaim_retired(&mut self) -> Option<BytesMut> {
+        for _ in 0..Self::TRIES.min(self.retired.len()) {
+            let mut block = self.retired.pop_front()?;
+            if block.try_reclaim(Self::BLOCK) {
+                return Some(block);
+            }
+            self.retired.push_back(block);
+        }
+        None
     }
 
     /// A topic or header name, shared between the messages that carry it.
@@ -103,6 +168,46 @@ mod tests {
         let third = arena.copy(&[5u8; 100]);
         assert_eq!(third.as_ptr(), second_start);
         assert!(third.iter().all(|b| *b == 5));
+    }
+
+    #[test]
+    fn full_blocks_are_reused_once_no_one_views_them_and_kept_within_the_budget() {
+        let mut arena = Arena::new(4 * Arena::BLOCK);
+        // Three full blocks; views of each are held.
+        let first = arena.copy(&vec![1u8; Arena::BLOCK]);
+        let second = arena.copy(&vec![2u8; Arena::BLOCK]);
+        let third = arena.copy(&vec![3u8; Arena::BLOCK]);
+        let first_block = first.as_ptr();
+
+        // The second block is still viewed: while the first is too, a copy
+        // needs a fresh block.
+        let fresh = arena.copy(&[9u8; 10]);
+        assert!(![first.as_ptr(), second.as_ptr(), third.as_ptr()].contains(&fresh.as_ptr()));
+        let _rest = arena.copy(&vec![9u8; Arena::BLOCK - 10]);
+
+        // Once the first block's batch is gone, that block is reused, from
+        // its start, and the blocks still viewed keep their bytes.
+        drop(first);
+        let reused = arena.copy(&[4u8; 100]);
+        assert_eq!(reused.as_ptr(), first_block);
+        assert!(reused.iter().all(|b| *b == 4));
+        assert!(second.iter().all(|b| *b == 2));
+        assert!(third.iter().all(|b| *b == 3));
+
+        // However many blocks stay viewed, at most the budget's worth are
+        // kept for reuse.
+        let held: Vec<Bytes> = (0..10)
+            .map(|_| arena.copy(&vec![5u8; Arena::BLOCK]))
+            .collect();
+        assert_eq!(arena.retired.len(), 4);
+        assert!(held.iter().all(|view| view.iter().all(|b| *b == 5)));
+
+        // A big message gets a block of its own, never kept.
+        let mut arena = Arena::new(4 * Arena::BLOCK);
+        let big = arena.copy(&vec![6u8; Arena::BLOCK * 3]);
+        let _after = arena.copy(&[7u8; 10]);
+        assert!(arena.retired.is_empty());
+        assert!(big.iter().all(|b| *b == 6));
     }
 
     #[test]

@@ -78,12 +78,14 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
-    pub fn new(writers: usize) -> Self {
+    /// Lanes for `writers` writers, keeping up to `arena_keep` bytes of
+    /// message copies' blocks for reuse.
+    pub fn new(writers: usize, arena_keep: usize) -> Self {
         Lanes {
             lanes: HashMap::default(),
             next_epoch: 1,
             held: (0..writers).map(|_| VecDeque::new()).collect(),
-            arena: super::arena::Arena::default(),
+            arena: super::arena::Arena::new(arena_keep),
             pending_commits: HashMap::default(),
             over_budget: false,
             blocked: vec![false; writers],
@@ -366,7 +368,7 @@ mod tests {
 
     #[test]
     fn every_start_gets_a_new_larger_epoch_announced_first() {
-        let mut lanes = Lanes::new(1);
+        let mut lanes = Lanes::new(1, 0);
         let (first, _) = lanes.start(key(0), 0, Some(5), 0);
         let (other, _) = lanes.start(key(1), 0, None, 0);
         message(&mut lanes, 0, 5, 10);
@@ -385,7 +387,7 @@ mod tests {
 
     #[test]
     fn ending_a_lane_drops_its_held_messages_and_keeps_the_others_in_order() {
-        let mut lanes = Lanes::new(1);
+        let mut lanes = Lanes::new(1, 0);
         lanes.start(key(0), 0, Some(0), 0);
         lanes.start(key(1), 0, Some(0), 0);
         lanes.held[0].clear();
@@ -403,7 +405,7 @@ mod tests {
 
     #[test]
     fn a_commit_counts_only_for_the_assignment_that_made_it() {
-        let mut lanes = Lanes::new(1);
+        let mut lanes = Lanes::new(1, 0);
         let (old, _) = lanes.start(key(0), 0, Some(0), 0);
         lanes.committed(key(0), old, 10);
         assert_eq!(lanes.lanes[&key(0)].stored, Some(10));
@@ -416,7 +418,7 @@ mod tests {
 
     #[test]
     fn a_restart_after_fencing_drops_the_old_epoch_and_ignores_stale_requests() {
-        let mut lanes = Lanes::new(2);
+        let mut lanes = Lanes::new(2, 0);
         let (epoch, _) = lanes.start(key(0), 1, Some(0), 0);
         message(&mut lanes, 0, 0, 7);
         message(&mut lanes, 0, 1, 7);
@@ -436,7 +438,7 @@ mod tests {
 
     #[test]
     fn over_the_budget_everything_pauses_until_half_of_it_is_free() {
-        let mut lanes = Lanes::new(2);
+        let mut lanes = Lanes::new(2, 0);
         lanes.start(key(0), 0, None, 0);
         lanes.start(key(1), 1, None, 0);
         let none = [false, false];
@@ -452,7 +454,7 @@ mod tests {
 
     #[test]
     fn a_blocked_writer_pauses_only_its_own_partitions() {
-        let mut lanes = Lanes::new(2);
+        let mut lanes = Lanes::new(2, 0);
         lanes.start(key(0), 0, None, 0);
         lanes.start(key(1), 1, None, 0);
         lanes.start(key(2), 1, None, 0);
@@ -469,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_partition_revoked_while_paused_is_not_left_paused() {
-        let mut lanes = Lanes::new(1);
+        let mut lanes = Lanes::new(1, 0);
         lanes.start(key(0), 0, None, 0);
         lanes.backpressure(101, 100, &[false]).expect("pause");
         assert!(lanes.paused.contains(&key(0)));
@@ -483,7 +485,7 @@ mod tests {
 
     #[test]
     fn shutdown_releases_every_held_message() {
-        let mut lanes = Lanes::new(2);
+        let mut lanes = Lanes::new(2, 0);
         lanes.start(key(0), 0, None, 0);
         lanes.start(key(1), 1, None, 0);
         message(&mut lanes, 0, 0, 5);
@@ -494,7 +496,7 @@ mod tests {
 
     #[test]
     fn new_lanes_go_to_the_writer_with_the_least_backlog() {
-        let mut lanes = Lanes::new(2);
+        let mut lanes = Lanes::new(2, 0);
         // Skewed partitions, placed heaviest first (as `assign` does).
         for (partition, backlog) in [(3, 208), (1, 166), (2, 104), (0, 96)] {
             let writer = lanes.least_loaded_writer();
@@ -510,7 +512,7 @@ mod tests {
         };
         assert_eq!((load(0), load(1)), (304, 270));
         // With no backlog anywhere, lanes are spread by count.
-        let mut idle = Lanes::new(3);
+        let mut idle = Lanes::new(3, 0);
         for partition in 0..6 {
             let writer = idle.least_loaded_writer();
             idle.start(key(partition), writer, None, 0);

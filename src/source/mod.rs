@@ -455,7 +455,10 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
         database_url,
         config: config.clone(),
         control: tokio::sync::Mutex::new(None),
-        state: Mutex::new(Lanes::new(writers.len())),
+        state: Mutex::new(Lanes::new(
+            writers.len(),
+            config.pipeline.max_in_flight_bytes,
+        )),
         in_flight: in_flight.clone(),
         health: health.clone(),
         me: OnceLock::new(),
