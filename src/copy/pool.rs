@@ -46,8 +46,8 @@ impl BufferPool {
     }
 
     /// The largest buffer held, or a fresh one. A lane's first segment is
-    /// most often its biggest (the current day's leaf), so largest first
-    /// saves regrowing (a copy, and fresh pages) for most rows.
+    /// likely its biggest (the leaf of the events being read now), so
+    /// largest first saves regrowing it (a copy, and fresh pages).
     pub fn take(&self) -> BytesMut {
         let mut inner = self.lock();
         match inner.buffers.pop() {

@@ -10,9 +10,9 @@
 //! all its views are dropped (its batch committed): weir returns freed
 //! memory to the system at once (see `main.rs`), so a fresh block for every
 //! 64 KiB of messages meant faulting in and zeroing its pages every time
-//! (a fifth of weir's CPU in a backlog, with the other buffers that did so).
-//! The blocks kept are bounded by the in-flight budget, which bounds the
-//! bytes in flight that they hold.
+//! (page faults were a fifth of weir's CPU samples in a backlog; these
+//! blocks, a fifth of those). The blocks kept are bounded by the in-flight
+//! budget, which bounds the bytes in flight that they hold.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
