@@ -9,8 +9,9 @@
 //! The batcher (one per writer) takes its lanes' events in offset order,
 //! decodes each into rows and dead letters, and cuts a lane's batch by rows,
 //! bytes or, once the linger has passed, when the writer can take it. A
-//! lane behind its partition's end (a backlog) does not linger: it is cut as
-//! soon as the writer can take it, and grows while the writer is busy. What
+//! lane holding rows read behind its partition's end (a backlog) does not
+//! linger: it is cut as soon as the writer can take it, and grows while the
+//! writer is busy (even once it has read up to the end). What
 //! it hands the writer is a *flush*: one or more batches of distinct lanes,
 //! committed in one transaction. Every lane past its linger when the writer
 //! can take a flush goes in it, so a busy writer with several lanes pays one
@@ -76,7 +77,10 @@ struct Gathering {
     /// When the oldest message held was taken in (tokio's clock, which
     /// the linger sleeps on).
     oldest: Option<tokio::time::Instant>,
-    /// The last message taken was behind its partition's end: a backlog.
+    /// A message taken since the last cut was behind its partition's end:
+    /// the lane holds a backlog's rows. It stays set when the lane then
+    /// reads up to the end while its writer is busy, so that those rows,
+    /// which have already waited, do not wait for the linger as well.
     behind: bool,
     decode_time: Duration,
     /// When a gap was last logged, and offsets missed since.
@@ -132,6 +136,7 @@ impl Gathering {
         let gathered =
             std::mem::replace(&mut self.gathered, Gathered::with_pool(self.pool.clone()));
         let started = self.oldest.take().unwrap_or_else(tokio::time::Instant::now);
+        self.behind = false;
         m::stage_time(
             m::stage::DECODE,
             m::ALL_TABLES,
@@ -378,7 +383,7 @@ impl Batcher {
                 lane.messages.push(event);
                 lane.charged += charged - reserved + encoded;
                 lane.oldest.get_or_insert(tokio::time::Instant::now());
-                lane.behind = behind;
+                lane.behind |= behind;
                 if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                     && let Some(batch) = lane.cut()
                 {
@@ -571,6 +576,33 @@ mod tests {
         h.message_read(0, 1, 1, false).await;
         assert!(h.quiet_for(Duration::from_secs(9)).await);
         assert_eq!(h.batch().await, (Some(1), 2, vec![1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_that_read_a_backlog_stays_due_once_it_reaches_the_end() {
+        let mut h = Harness::with_output(1000, 1 << 20, Duration::from_secs(10), 1);
+        h.assign_partition(0, 1, Some(0)).await;
+        h.assign_partition(1, 2, Some(0)).await;
+        // The writer is busy: partition 1's batch is cut at once and holds
+        // the one place between batcher and writer.
+        h.message_read(1, 2, 0, true).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Meanwhile partition 0 is read from a backlog up to its end.
+        for offset in 0..3 {
+            h.message_read(0, 1, offset, true).await;
+        }
+        h.message_read(0, 1, 3, false).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let busy = h.one().await;
+        assert_eq!(busy.partition, 1);
+        // Once the writer is free, the backlog's rows go at once, although
+        // the last row read was at the partition's end.
+        let cut = tokio::time::timeout(Duration::from_millis(1), h.batch()).await;
+        assert_eq!(cut.expect("cut at once"), (Some(0), 4, vec![0, 1, 2, 3]));
+        // The next batch holds only rows read at the end: it lingers.
+        h.message_read(0, 1, 4, false).await;
+        assert!(h.quiet_for(Duration::from_secs(9)).await);
+        assert_eq!(h.batch().await, (Some(4), 5, vec![4]));
     }
 
     /// On tokio's multi-threaded runtime a task woken by another runs next
