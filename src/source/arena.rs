@@ -179,8 +179,7 @@ mod tests {
         let third = arena.copy(&vec![3u8; Arena::BLOCK]);
         let first_block = first.as_ptr();
 
-        // The second block is still viewed: while the first is too, a copy
-        // needs a fresh block.
+        // Every full block is still viewed: a copy needs a fresh block.
         let fresh = arena.copy(&[9u8; 10]);
         assert!(![first.as_ptr(), second.as_ptr(), third.as_ptr()].contains(&fresh.as_ptr()));
         let _rest = arena.copy(&vec![9u8; Arena::BLOCK - 10]);
