@@ -673,11 +673,13 @@ impl Bench {
                 .enumerate()
             {
                 let path = dir.join(format!("{}-{}-{chunk}.bin", leaf.name, files.len()));
-                let mut data = Vec::with_capacity(sealed.buf.len() / 4);
+                let mut data = Vec::with_capacity(sealed.len() / 4);
                 data.extend_from_slice(weir::copy::COPY_HEADER);
                 let start = sealed.row_range(rows[0]).start;
                 let end = sealed.row_range(*rows.last().expect("non-empty chunk")).end;
-                data.extend_from_slice(&sealed.buf[start..end]);
+                for slice in sealed.slices(start..end) {
+                    data.extend_from_slice(&slice);
+                }
                 data.extend_from_slice(weir::copy::COPY_TRAILER);
                 std::fs::write(&path, &data)?;
                 set_mode(&path, 0o644)?;

@@ -37,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
-use weir::copy::segment::{Sealed, copy_chunks, send_copy};
+use weir::copy::segment::{Sealed, send_copy};
 
 use crate::bench::{Bench, append_results, free_port, machine, terminate};
 use crate::produce::{ProduceArgs, produce};
@@ -483,8 +483,8 @@ async fn copy_session(
         let expected = job.rows.rows.len() as u64;
         let transaction = session.transaction().await?;
         let statement = transaction.prepare(&job.sql).await?;
-        let whole = 0..job.rows.buf.len();
-        let chunks = copy_chunks(&job.rows.buf, std::slice::from_ref(&whole));
+        let whole = 0..job.rows.len();
+        let chunks = job.rows.copy_stream(std::slice::from_ref(&whole));
         let rows = send_copy(&transaction, &statement, chunks)
             .await
             .with_context(|| job.sql.clone())?;

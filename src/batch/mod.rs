@@ -708,7 +708,7 @@ mod tests {
         h.message(1, 1).await;
         let batch = h.one().await;
         let events: usize = batch.messages.iter().map(Event::size).sum();
-        let rows: usize = batch.segments.iter().map(|s| s.buf.len()).sum();
+        let rows: usize = batch.segments.iter().map(Sealed::len).sum();
         let reserved: usize = batch
             .messages
             .iter()

@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
-
 use crate::copy::pool::BufferPool;
 use crate::copy::segment::Segment;
 use crate::event::DeadLetter;
@@ -35,12 +33,15 @@ impl Gathered {
     /// The segment for `source` and range `[lo, hi)`, created when missing.
     pub fn segment(&mut self, source: usize, table: usize, lo: i64, hi: i64) -> &mut Segment {
         let index = *self.lookup.entry((source, lo, hi)).or_insert_with(|| {
-            let (buf, rows) = match &self.pool {
-                Some(pool) => (pool.take(), pool.take_rows()),
-                None => (BytesMut::with_capacity(BufferPool::FRESH), Vec::new()),
-            };
-            self.segments
-                .push(Segment::new(source, table, lo, hi, buf, rows));
+            let rows = self.pool.as_ref().map(BufferPool::take_rows);
+            self.segments.push(Segment::new(
+                source,
+                table,
+                lo,
+                hi,
+                rows.unwrap_or_default(),
+                self.pool.clone(),
+            ));
             self.segments.len() - 1
         });
         &mut self.segments[index]
@@ -48,6 +49,6 @@ impl Gathered {
 
     /// Encoded bytes so far.
     pub fn bytes(&self) -> usize {
-        self.segments.iter().map(|s| s.buf.len()).sum()
+        self.segments.iter().map(Segment::len).sum()
     }
 }

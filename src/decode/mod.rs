@@ -256,7 +256,7 @@ impl Decoder {
             .route(table.granularity, time);
 
         let segment = out.segment(source.index, source.table, lo, hi);
-        let start = segment.buf.len();
+        let start = segment.begin_row();
         copy::begin_row(&mut segment.buf, source.columns.len() as u16);
         for column in &source.columns {
             let result = match context.input(column) {
@@ -269,7 +269,7 @@ impl Decoder {
                     .map_err(Some),
             };
             if let Err(err) = result {
-                segment.buf.truncate(start);
+                segment.end_row(start, false);
                 let (code, detail) = match err {
                     None => (
                         Cow::Borrowed("missing_required"),
@@ -283,6 +283,7 @@ impl Decoder {
                 return fail(out, Stage::Validate, code, detail);
             }
         }
+        segment.end_row(start, true);
         segment.rows.push(RowMeta {
             start: start as u32,
             time,

@@ -134,8 +134,11 @@ impl Writer {
                 "flush written"
             );
             for segment in flush.into_iter().flat_map(|batch| batch.segments) {
-                self.pool.give(segment.buf);
-                self.pool.give_rows(segment.rows);
+                let (chunks, rows) = segment.into_chunks();
+                for chunk in chunks {
+                    self.pool.give(chunk);
+                }
+                self.pool.give_rows(rows);
             }
         }
         tracing::debug!(writer = self.index, "writer finished");

@@ -25,7 +25,7 @@ use metrics::counter;
 use tokio_postgres::{Statement, Transaction};
 
 use crate::batch::Batch;
-use crate::copy::segment::{copy_chunks, send_copy};
+use crate::copy::segment::{copy_stream, send_copy};
 use crate::decode::mapping::Mappings;
 use crate::event::{DeadLetter, Stage};
 use crate::metrics as m;
@@ -323,12 +323,10 @@ async fn copy_dead_letters(
     if rows.is_empty() {
         return Ok(());
     }
-    let buf = rows.freeze();
-    let whole = 0..buf.len();
     send_copy(
         transaction,
         statement,
-        copy_chunks(&buf, std::slice::from_ref(&whole)),
+        copy_stream(std::iter::once(rows.freeze())),
     )
     .await
     .map_err(|err| match db::classify(&err) {
