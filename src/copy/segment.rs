@@ -39,8 +39,8 @@ const MAX_ROW_ROOM: usize = 64 * 1024;
 /// encoded into chunks of about [`BufferPool::FRESH`] bytes.
 ///
 /// One growing buffer per segment was copied whole at every doubling (a
-/// 4 MiB segment: 4 MiB copied, into freshly faulted pages), about a
-/// twentieth of weir's CPU in a backlog; chunks of one size are never
+/// 4 MiB segment: 4 MiB copied, into freshly faulted pages): 4.2% of
+/// weir's samples in a 1-writer drain. Chunks of one size are never
 /// copied and are reused whole from the pool. A row never straddles two
 /// chunks, so each row is one slice.
 #[derive(Debug)]
