@@ -45,9 +45,9 @@ impl BufferPool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The largest buffer held, or a fresh one. A lane's first segment is
-    /// likely its biggest (the leaf of the events being read now), so
-    /// largest first saves regrowing it (a copy, and fresh pages).
+    /// The largest buffer held, or a fresh one. Segments fill chunks of
+    /// [`BufferPool::FRESH`] bytes; a chunk grown for one wide row is
+    /// handed out first, so its extra room is used rather than held.
     pub fn take(&self) -> BytesMut {
         let mut inner = self.lock();
         match inner.buffers.pop() {

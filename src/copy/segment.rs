@@ -201,15 +201,24 @@ impl Sealed {
     /// The bytes of row `i` (rows never straddle chunks).
     pub fn row(&self, i: usize) -> &[u8] {
         let range = self.row_range(i);
-        let chunk = self.ends.partition_point(|end| *end <= range.start);
-        let base = self.ends[chunk] - self.chunks[chunk].len();
+        let (chunk, base) = self.chunk_at(range.start);
         &self.chunks[chunk][range.start - base..range.end - base]
+    }
+
+    /// The chunk holding byte `offset` of the segment, and where it begins.
+    fn chunk_at(&self, offset: usize) -> (usize, usize) {
+        let chunk = self.ends.partition_point(|end| *end <= offset);
+        let base = self
+            .ends
+            .get(chunk)
+            .map_or(0, |end| end - self.chunks[chunk].len());
+        (chunk, base)
     }
 
     /// The bytes of `range` of the segment, as slices of its chunks (no
     /// copy), in order.
     pub fn slices(&self, range: Range<usize>) -> impl Iterator<Item = Bytes> + '_ {
-        let first = self.ends.partition_point(|end| *end <= range.start);
+        let (first, _) = self.chunk_at(range.start);
         self.chunks[first..]
             .iter()
             .zip(&self.ends[first..])
@@ -218,7 +227,6 @@ impl Sealed {
                 (base < range.end)
                     .then(|| chunk.slice(range.start.max(base) - base..range.end.min(*end) - base))
             })
-            .filter(|slice| !slice.is_empty())
     }
 
     /// A complete COPY stream of the rows in `ranges`: header, their bytes
@@ -227,8 +235,8 @@ impl Sealed {
         copy_stream(ranges.iter().flat_map(|range| self.slices(range.clone())))
     }
 
-    /// The chunks, for reuse once written.
-    pub fn into_chunks(self) -> (Vec<Bytes>, Vec<RowMeta>) {
+    /// The chunks and the row index, for reuse once written.
+    pub fn into_parts(self) -> (Vec<Bytes>, Vec<RowMeta>) {
         (self.chunks, self.rows)
     }
 }

@@ -134,7 +134,7 @@ impl Writer {
                 "flush written"
             );
             for segment in flush.into_iter().flat_map(|batch| batch.segments) {
-                let (chunks, rows) = segment.into_chunks();
+                let (chunks, rows) = segment.into_parts();
                 for chunk in chunks {
                     self.pool.give(chunk);
                 }
