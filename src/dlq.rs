@@ -6,6 +6,7 @@
 //! transaction, so a dead letter is replayed at most once. One that fails
 //! again stays, with `attempts` incremented and the new reason.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use crate::copy::now_micros;
 use crate::copy::segment::Sealed;
 use crate::decode::Decoder;
 use crate::decode::Gathered;
-use crate::event::{Event, Stage};
+use crate::event::{Event, Headers, Stage};
 use crate::pipeline::Prepared;
 use crate::store::db::{self, ErrorClass};
 use crate::store::deadletter::{DeadLetterTable, SIBLING_ENCODING, restore_payload};
@@ -605,27 +606,26 @@ async fn replay_one(
     Ok(Replayed::Written(written))
 }
 
-fn headers_from_json(
-    value: Option<&serde_json::Value>,
-) -> Vec<(std::sync::Arc<str>, Option<Bytes>)> {
+fn headers_from_json(value: Option<&serde_json::Value>) -> Headers {
     let Some(serde_json::Value::Array(items)) = value else {
-        return Vec::new();
+        return Default::default();
     };
-    items
+    let pairs: Vec<(&str, Option<Cow<'_, [u8]>>)> = items
         .iter()
         .filter_map(|item| {
-            let key = std::sync::Arc::from(item.get("key")?.as_str()?);
+            let key = item.get("key")?.as_str()?;
             let value = if let Some(text) = item.get("value").and_then(|v| v.as_str()) {
-                Some(Bytes::copy_from_slice(text.as_bytes()))
+                Some(Cow::Borrowed(text.as_bytes()))
             } else {
                 item.get("value_hex")
                     .and_then(|v| v.as_str())
                     .and_then(|h| hex::decode(h).ok())
-                    .map(Bytes::from)
+                    .map(Cow::Owned)
             };
             Some((key, value))
         })
-        .collect()
+        .collect();
+    Headers::from_pairs(pairs.iter().map(|(key, value)| (*key, value.as_deref())))
 }
 
 /// Deletes matching dead letters (replayed ones included), optionally only
@@ -664,6 +664,29 @@ pub async fn purge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_kept_with_a_dead_letter_come_back_whole_on_replay() {
+        let headers = Headers::from_pairs([
+            ("company_id", Some(&b"6f1f7a7e"[..])),
+            ("trace", None),
+            ("empty", Some(&b""[..])),
+            ("binary", Some(&[0xff, 0x00, 0x80][..])),
+            ("company_id", Some(&b"second"[..])),
+        ]);
+        let event = Event {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            headers: headers.clone(),
+            payload: Bytes::new(),
+        };
+        let stored = crate::store::deadletter::headers_json(&event);
+        assert_eq!(headers_from_json(Some(&stored)), headers);
+        assert!(headers_from_json(None).is_empty());
+    }
 
     #[test]
     fn durations_and_times_parse() {

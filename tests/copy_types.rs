@@ -442,10 +442,11 @@ async fn building_only_what_the_mapping_reads_changes_no_row_and_no_dead_letter(
             offset: 0,
             timestamp_ms: Some(now_secs * 1000),
             key: None,
-            headers: headers
-                .into_iter()
-                .map(|(k, v)| (k.as_str().into(), Some(Bytes::from(v))))
-                .collect(),
+            headers: weir::event::Headers::from_pairs(
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
+            ),
             payload: Bytes::from(payload),
         };
     let sent = common::generate(

@@ -606,11 +606,12 @@ impl Bench {
                     offset: offset as i64,
                     timestamp_ms: Some(now / 1000),
                     key: Some(Bytes::from(produced.key.clone())),
-                    headers: produced
-                        .headers
-                        .iter()
-                        .map(|(k, v)| ((*k).into(), Some(Bytes::copy_from_slice(v.as_bytes()))))
-                        .collect(),
+                    headers: weir::event::Headers::from_pairs(
+                        produced
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (*k, Some(v.as_bytes()))),
+                    ),
                     payload: Bytes::from(produced.payload),
                 }
             })

@@ -38,6 +38,7 @@ use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 use weir::copy::segment::{Sealed, send_copy};
+use weir::event::Headers;
 
 use crate::bench::{Bench, append_results, free_port, machine, terminate};
 use crate::produce::{ProduceArgs, produce};
@@ -435,11 +436,12 @@ fn generate(
                 offset: events as i64,
                 timestamp_ms: Some(appended.min(now_ms)),
                 key: Some(Bytes::from(produced.key)),
-                headers: produced
-                    .headers
-                    .iter()
-                    .map(|(k, v)| ((*k).into(), Some(Bytes::copy_from_slice(v.as_bytes()))))
-                    .collect(),
+                headers: Headers::from_pairs(
+                    produced
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (*k, Some(v.as_bytes()))),
+                ),
                 payload: Bytes::from(produced.payload),
             };
             decoder.decode(&event, message as u32, now_ms * 1000, &mut gathered);

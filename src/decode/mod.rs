@@ -470,9 +470,9 @@ pub(crate) mod testing {
             offset: 7,
             timestamp_ms: Some(1),
             key: None,
-            headers: tenant
-                .map(|t| vec![("tenant".into(), Some(Bytes::copy_from_slice(t.as_bytes())))])
-                .unwrap_or_default(),
+            headers: crate::event::Headers::from_pairs(
+                tenant.map(|t| ("tenant", Some(t.as_bytes()))),
+            ),
             payload: Bytes::copy_from_slice(payload),
         }
     }

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::event::Headers;
+
 /// Copies of message bytes, packed into shared blocks.
 #[derive(Debug, Default)]
 pub struct Arena {
@@ -30,9 +32,11 @@ pub struct Arena {
     /// it any more. At most `keep` of them.
     retired: VecDeque<BytesMut>,
     keep: usize,
-    /// Topic and header names seen, shared. A consumer meets a handful, so
-    /// a scan of a short list beats hashing each name.
+    /// Topic names seen, shared. A consumer meets a handful, so a scan of
+    /// a short list beats hashing each name.
     names: Vec<Arc<str>>,
+    /// Where a message's headers are packed before their one copy.
+    scratch: Vec<u8>,
 }
 
 impl Arena {
@@ -42,7 +46,7 @@ impl Arena {
     pub const BLOCK: usize = 64 * 1024;
 
     /// Distinct names shared rather than copied for every message; names
-    /// beyond these (a producer inventing header names) are copied.
+    /// beyond these (a cluster of many topics) are copied.
     const MAX_NAMES: usize = 32;
 
     /// Retired blocks tried for reuse before a fresh one is allocated. The
@@ -112,7 +116,19 @@ impl Arena {
         None
     }
 
-    /// A topic or header name, shared between the messages that carry it.
+    /// A message's headers, packed and copied into the current block as one
+    /// view (see [`Headers`]).
+    pub fn headers<'a>(
+        &mut self,
+        pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Headers {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let headers = Headers::pack(pairs, &mut scratch, |packed| self.copy(packed));
+        self.scratch = scratch;
+        headers
+    }
+
+    /// A topic name, shared between the messages that carry it.
     pub fn name(&mut self, name: &str) -> Arc<str> {
         if let Some(shared) = self.names.iter().find(|known| ***known == *name) {
             return shared.clone();
@@ -137,6 +153,11 @@ mod tests {
         assert_eq!(&a[..], b"first payload");
         assert_eq!(&b[..], b"second");
         assert!(arena.copy(b"").is_empty());
+        // A message's headers go into the block too, as one view.
+        let headers = arena.headers([("company_id", Some(&b"c1"[..])), ("trace", None)]);
+        assert_eq!(headers.get("company_id"), Some(&b"c1"[..]));
+        assert_eq!(headers.len(), 2);
+        assert!(arena.headers([]).is_empty());
         // Consecutive copies lie side by side in one block.
         assert_eq!(a.as_ptr() as usize + a.len(), b.as_ptr() as usize);
 

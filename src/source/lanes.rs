@@ -54,8 +54,8 @@ pub(super) struct Lanes {
     /// Events that could not be handed to their writer yet, per writer, in
     /// order (a lane always has the same writer, so its order is kept).
     pub held: Vec<VecDeque<LaneEvent>>,
-    /// Copies of the bytes of the messages taken, and the topic and header
-    /// names they share.
+    /// Copies of the bytes of the messages taken (payload, key, packed
+    /// headers), and the topic names they share.
     pub arena: super::arena::Arena,
     /// Offsets committed in PostgreSQL and not yet in Kafka, with the epoch
     /// that committed them.
@@ -340,7 +340,7 @@ mod tests {
                 offset,
                 timestamp_ms: None,
                 key: None,
-                headers: Vec::new(),
+                headers: Default::default(),
                 payload: Bytes::new(),
             },
             charged,

@@ -985,13 +985,9 @@ fn take(
         headers: message
             .headers()
             .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| {
-                        let name = state.arena.name(h.key);
-                        (name, h.value.map(|value| state.arena.copy(value)))
-                    })
-                    .collect()
+                state
+                    .arena
+                    .headers(headers.iter().map(|h| (h.key, h.value)))
             })
             .unwrap_or_default(),
         payload: state.arena.copy(message.payload().unwrap_or_default()),

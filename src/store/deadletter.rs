@@ -272,7 +272,7 @@ pub fn restore_payload(bytes: &[u8], encoding: &str, limit: usize) -> Result<Vec
 
 /// Kafka headers as JSON: `[{"key": ..., "value": ...}]`, values as text when
 /// they are UTF-8 and as `value_hex` otherwise.
-fn headers_json(event: &Event) -> serde_json::Value {
+pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
     serde_json::Value::Array(
         event
             .headers

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use weir::decode::Gathered;
 use weir::json::Json;
-use weir::event::Event;
+use weir::event::{Event, Headers};
 use weir::store::catalog::{ColumnInfo, TableInfo};
 use weir::config::{Config, EmptyEvents};
 use weir::decode::Decoder;
@@ -136,7 +136,7 @@ fuzz_target!(|data: &[u8]| {
         offset: 0,
         timestamp_ms: Some(1_763_800_000_000),
         key: None,
-        headers: vec![("company_id".into(), header)],
+        headers: Headers::from_pairs([("company_id", header.as_deref())]),
         payload: Bytes::copy_from_slice(rest),
     };
     if let Ok(text) = std::str::from_utf8(rest) {
