@@ -73,6 +73,12 @@ struct Gathering {
     gathered: Gathered,
     pool: BufferPool,
     messages: Vec<Event>,
+    /// The most messages a batch of this lane has held: the room the next
+    /// batch's vector is given. A backlog's batches are cut whenever the
+    /// writer is free, so their sizes vary; sized from the batch before,
+    /// a vector regrew whenever a batch outgrew it (1.9% of weir's CPU
+    /// samples in a 1-writer drain).
+    most_messages: usize,
     charged: usize,
     /// When the oldest message held was taken in (tokio's clock, which
     /// the linger sleeps on).
@@ -105,6 +111,7 @@ impl Gathering {
             gathered: Gathered::with_pool(pool.clone()),
             pool,
             messages: Vec::new(),
+            most_messages: 0,
             charged: 0,
             oldest: None,
             behind: false,
@@ -133,8 +140,8 @@ impl Gathering {
         let next = self
             .position
             .expect("a lane holding messages should have a position");
-        let gathered =
-            std::mem::replace(&mut self.gathered, Gathered::with_pool(self.pool.clone()));
+        let following = self.gathered.following();
+        let gathered = std::mem::replace(&mut self.gathered, following);
         let started = self.oldest.take().unwrap_or_else(tokio::time::Instant::now);
         self.behind = false;
         m::stage_time(
@@ -154,10 +161,12 @@ impl Gathering {
             rows: gathered.rows,
             segments: gathered.segments.into_iter().map(|s| s.seal()).collect(),
             dead_letters: gathered.dead_letters,
-            // The next batch is likely the same size: no regrowth.
+            // Room for as many messages as any batch of the lane has held,
+            // in a vector a written batch gave back when one is that large.
             messages: {
-                let capacity = self.messages.len();
-                std::mem::replace(&mut self.messages, Vec::with_capacity(capacity))
+                self.most_messages = self.most_messages.max(self.messages.len());
+                let room = self.pool.take_messages(self.most_messages);
+                std::mem::replace(&mut self.messages, room)
             },
             charged_bytes: std::mem::take(&mut self.charged),
         };
@@ -247,8 +256,9 @@ impl Batcher {
                 }
                 return;
             }
+            let clock = WallClock::now();
             for event in events.drain(..) {
-                self.take(&mut lanes, event).await;
+                self.take(&mut lanes, event, clock).await;
             }
         }
     }
@@ -259,6 +269,7 @@ impl Batcher {
         &self,
         lanes: &mut foldhash::HashMap<(Arc<str>, i32), Gathering>,
         event: LaneEvent,
+        clock: WallClock,
     ) {
         match event {
             LaneEvent::Assigned {
@@ -364,8 +375,9 @@ impl Batcher {
                 lane.position = Some(event.offset + 1);
                 let started = Instant::now();
                 let message = lane.messages.len() as u32;
+                let ingested = clock.micros_at(started);
                 self.decoder
-                    .decode(&event, message, now_micros(), &mut lane.gathered);
+                    .decode(&event, message, ingested, &mut lane.gathered);
                 lane.decode_time += started.elapsed();
                 // The encoded rows are held until the commit too: they
                 // count against the same in-flight ceiling, and are
@@ -382,7 +394,7 @@ impl Batcher {
                 }
                 lane.messages.push(event);
                 lane.charged += charged - reserved + encoded;
-                lane.oldest.get_or_insert(tokio::time::Instant::now());
+                lane.oldest.get_or_insert_with(tokio::time::Instant::now);
                 lane.behind |= behind;
                 if (lane.gathered.rows >= self.max_rows || encoded_now >= self.max_bytes)
                     && let Some(batch) = lane.cut()
@@ -405,6 +417,33 @@ impl Batcher {
                 gauge!(m::IN_FLIGHT_ROWS).decrement(batch.rows as f64);
             }
         }
+    }
+}
+
+/// The wall clock, read once per chunk of events taken in and carried
+/// forward on the monotonic clock that times each decode anyway: one clock
+/// read per event fewer (reads were 3.2% of weir's CPU samples in a
+/// 1-writer drain, four per event in the batcher). Within a chunk it misses
+/// only an adjustment of the wall clock, which the next chunk picks up.
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    at: Instant,
+    micros: i64,
+}
+
+impl WallClock {
+    fn now() -> Self {
+        WallClock {
+            at: Instant::now(),
+            micros: now_micros(),
+        }
+    }
+
+    /// Unix microseconds at `instant` (taken after this clock was read).
+    fn micros_at(self, instant: Instant) -> i64 {
+        let since = instant.saturating_duration_since(self.at).as_micros();
+        self.micros
+            .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
     }
 }
 
@@ -432,6 +471,48 @@ mod tests {
 
     /// Room in the batcher's input queue.
     const INPUT: usize = 1 << 16;
+
+    #[test]
+    fn a_lane_keeps_room_for_its_largest_batch_of_messages() {
+        let pool = BufferPool::new(64 << 20);
+        let mut lane = Gathering::new(Arc::from("t"), 0, 1, None, pool);
+        let mut offset = 0;
+        let mut cut_after = |lane: &mut Gathering, messages: usize| {
+            for _ in 0..messages {
+                lane.messages.push(Event {
+                    offset,
+                    ..event(&body(&[]), None)
+                });
+                offset += 1;
+            }
+            lane.position = Some(offset);
+            lane.cut().expect("the lane holds messages")
+        };
+        let big = cut_after(&mut lane, 1_000);
+        assert!(lane.messages.capacity() >= 1_000);
+        drop(big);
+        // A small batch, then room for the big one's size still.
+        let small = cut_after(&mut lane, 10);
+        assert_eq!(small.messages.len(), 10);
+        assert!(lane.messages.capacity() >= 1_000);
+    }
+
+    #[test]
+    fn the_wall_clock_is_carried_forward_on_the_monotonic_one() {
+        let clock = WallClock::now();
+        let later = clock.at + Duration::from_micros(1_500);
+        assert_eq!(clock.micros_at(later), clock.micros + 1_500);
+        assert_eq!(clock.micros_at(clock.at), clock.micros);
+        // Never behind its own reading.
+        let earlier = clock
+            .at
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(clock.at);
+        assert_eq!(clock.micros_at(earlier), clock.micros);
+        // And close to the wall clock read separately.
+        let apart = (clock.micros_at(Instant::now()) - now_micros()).abs();
+        assert!(apart < 1_000_000, "{apart} us apart");
+    }
 
     /// A batcher over the test decoder, fed and drained by the test.
     struct Harness {

@@ -69,12 +69,15 @@ pub struct Plan {
 
 /// Writes `flush` in one transaction (see the module doc). A fenced batch
 /// rolls the whole transaction back: `Failure::Fenced` names its index.
+/// The written rows' latencies go into `latencies` (emptied first), a
+/// vector the writer reuses from flush to flush.
 pub async fn write_flush(
     session: &mut Session,
     to: &Destinations<'_>,
     flush: &[&Batch],
     plan: &Plan,
     pass: Pass,
+    mut latencies: Vec<RowLatency>,
 ) -> Result<Written, Failure> {
     let Session {
         client,
@@ -121,7 +124,11 @@ pub async fn write_flush(
             return Err(Failure::Fenced(index));
         }
     }
-    let mut written = Written::default();
+    latencies.clear();
+    let mut written = Written {
+        latencies,
+        ..Written::default()
+    };
     for (index, batch) in flush.iter().enumerate() {
         let write_dead = copy_parts(
             &transaction,
