@@ -92,16 +92,26 @@ impl Headers {
     }
 
     /// Each header's name and value, in the order the message carries them.
-    pub fn iter(&self) -> HeaderIter<'_> {
-        HeaderIter { rest: &self.packed }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+        // `pack` wrote every name from a `str`, so none fails the check; a
+        // failure would end the headers rather than read a broken name.
+        self.entries()
+            .map_while(|(name, value)| Some((std::str::from_utf8(name).ok()?, value)))
     }
 
     /// The value of the first header named `name`, when it has one (as
-    /// before: a first `name` without a value hides any later one).
+    /// before: a first `name` without a value hides any later one). Read
+    /// for every row a header feeds, so names are compared as bytes,
+    /// without checking each one's UTF-8 on the way.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(key, _)| *key == name)
+        self.entries()
+            .find(|(key, _)| *key == name.as_bytes())
             .and_then(|(_, value)| value)
+    }
+
+    /// The packed headers' names (as bytes) and values, in order.
+    fn entries(&self) -> Entries<'_> {
+        Entries { rest: &self.packed }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -185,12 +195,12 @@ mod tests {
     }
 }
 
-/// The headers of one message: see [`Headers::iter`].
-pub struct HeaderIter<'a> {
+/// The packed headers of one message: see [`Headers::entries`].
+struct Entries<'a> {
     rest: &'a [u8],
 }
 
-impl<'a> HeaderIter<'a> {
+impl<'a> Entries<'a> {
     fn take(&mut self, len: usize) -> Option<&'a [u8]> {
         let (taken, rest) = self.rest.split_at_checked(len)?;
         self.rest = rest;
@@ -202,17 +212,17 @@ impl<'a> HeaderIter<'a> {
     }
 }
 
-impl<'a> Iterator for HeaderIter<'a> {
-    type Item = (&'a str, Option<&'a [u8]>);
+impl<'a> Iterator for Entries<'a> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
         }
-        // `pack` wrote every length and name, so none of these fails; a
-        // failure would end the headers rather than read past them.
+        // `pack` wrote every length, so none of these fails; a failure
+        // would end the headers rather than read past them.
         let name_len = self.length()? as usize;
-        let name = std::str::from_utf8(self.take(name_len)?).ok()?;
+        let name = self.take(name_len)?;
         let value = match self.length()? {
             Headers::NULL => None,
             len => Some(self.take(len as usize)?),
