@@ -21,6 +21,34 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// default).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// mimalloc's `mi_option_allow_thp`, numbered as [`MI_OPTION_PURGE_DELAY`]
+/// is (the test checks it too).
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
+/// No transparent huge pages for weir's memory. weir frees a batch's
+/// memory as soon as it is written (see [`return_freed_memory_promptly`]),
+/// and the next batch faults it in again: as 2 MiB huge pages, each zeroed
+/// whole (and compacted for, where the kernel's THP `defrag` is `madvise`)
+/// however little of it is used. With 4 KiB pages, alternated drains of the
+/// bench took 11% less CPU per row and peaked 20 MiB lower
+/// (loadtest/RESULTS.md). This is what `MIMALLOC_ALLOW_THP=0` does; an
+/// operator's `MIMALLOC_ALLOW_THP` wins.
+fn no_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: sets one of mimalloc's options, an atomic store that is valid
+    // at any time, from any thread. mimalloc no longer asks for huge pages
+    // for the memory it maps from now on.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0) };
+    // What mimalloc mapped before `main` (and glibc's heaps, librdkafka's)
+    // are covered by the process's flag, which the kernel checks at every
+    // fault. A kernel without it leaves THP as it was: only slower.
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and
+    // touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 /// Freed memory goes back to the OS at once, not after mimalloc's default
 /// delay of a second. Under a backlog, batches come and go far faster than
 /// that, so the default kept about 45 MiB of freed pages resident: peak RSS
@@ -198,6 +226,7 @@ enum PartitionsCommand {
 
 fn main() -> ExitCode {
     return_freed_memory_promptly();
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let config = match Config::load(&cli.config, &config::process_env()) {
         Ok(config) => config,
@@ -569,5 +598,25 @@ mod tests {
         assert_eq!(get(MI_OPTION_PURGE_DELAY + 1), 0);
         return_freed_memory_promptly();
         assert_eq!(get(MI_OPTION_PURGE_DELAY), 0);
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_turned_off_for_the_process() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            return;
+        }
+        // SAFETY: reads of mimalloc's options, valid at any time.
+        let get = |option| unsafe { libmimalloc_sys::mi_option_get(option) };
+        // SAFETY: PR_GET_THP_DISABLE takes integer arguments only.
+        let thp_disabled = || unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        // mimalloc's defaults (src/options.c): page_cross_thread_max_reclaim
+        // 32, allow_thp 1, minimal_purge_size 0. A reordered enum fails here.
+        assert_eq!(get(MI_OPTION_ALLOW_THP - 1), 32);
+        assert_eq!(get(MI_OPTION_ALLOW_THP), 1);
+        assert_eq!(get(MI_OPTION_ALLOW_THP + 1), 0);
+        assert_eq!(thp_disabled(), 0);
+        no_transparent_huge_pages();
+        assert_eq!(get(MI_OPTION_ALLOW_THP), 0);
+        assert_eq!(thp_disabled(), 1);
     }
 }
