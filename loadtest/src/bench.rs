@@ -91,17 +91,13 @@ fn shape() -> Shape {
     }
 }
 
-/// The shortest of three passes of `read` over `texts`.
-fn best_of_three(
-    texts: &[&str],
-    mut read: impl FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<Duration> {
+/// The shortest of three runs of `pass` (one pass is noisy on a shared
+/// machine).
+fn best_of_three(mut pass: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..3 {
         let started = Instant::now();
-        for text in texts {
-            read(text)?;
-        }
+        pass()?;
         best = best.min(started.elapsed());
     }
     Ok(best)
@@ -658,17 +654,16 @@ impl Bench {
         // shared machine one pass is noisy. A writer reuses its buffers, so
         // decode again into memory the allocator already holds, dropping
         // each batch after it, and report the best of three passes.
-        let mut best = Duration::MAX;
-        for _ in 0..3 {
-            let started = Instant::now();
+        let per_row = |time: Duration| time.as_secs_f64() * 1e6 / rows.max(1) as f64;
+        let warm = best_of_three(|| {
             for chunk in inputs.chunks(12_000) {
                 std::hint::black_box(decode_batch(chunk));
             }
-            best = best.min(started.elapsed());
-        }
+            Ok(())
+        })?;
         println!(
             "decode + encode in weir, one thread, warm memory: {:.2} us per row (best of 3 passes)",
-            best.as_secs_f64() * 1e6 / rows.max(1) as f64
+            per_row(warm)
         );
         // The largest single part of decoding, alone: the JSON reader
         // building what the topic's mappings read; then validating only
@@ -685,19 +680,24 @@ impl Bench {
             .map(|event| std::str::from_utf8(&event.payload))
             .collect::<Result<_, _>>()?;
         let bytes: usize = texts.iter().map(|text| text.len()).sum();
-        let building = best_of_three(&texts, |text| {
-            std::hint::black_box(weir::json::Json::parse_wanted(text, wanted)?);
+        let building = best_of_three(|| {
+            for text in &texts {
+                std::hint::black_box(weir::json::Json::parse_wanted(text, wanted)?);
+            }
             Ok(())
         })?;
-        let validating = best_of_three(&texts, |text| {
-            std::hint::black_box(weir::json::Json::parse_wanted(text, &nothing)?);
+        let validating = best_of_three(|| {
+            for text in &texts {
+                std::hint::black_box(weir::json::Json::parse_wanted(text, &nothing)?);
+            }
             Ok(())
         })?;
-        let serde_validating = best_of_three(&texts, |text| {
-            std::hint::black_box(serde_json::from_str::<serde::de::IgnoredAny>(text)?);
+        let serde_validating = best_of_three(|| {
+            for text in &texts {
+                std::hint::black_box(serde_json::from_str::<serde::de::IgnoredAny>(text)?);
+            }
             Ok(())
         })?;
-        let per_row = |time: Duration| time.as_secs_f64() * 1e6 / rows.max(1) as f64;
         println!(
             "  of which reading the JSON: {:.2} us per row, {:.0} MB/s (validating alone: {:.2} us per row; serde_json validating alone: {:.2}; best of 3 passes)",
             per_row(building),
