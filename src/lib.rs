@@ -27,12 +27,13 @@
 //! - [`pipeline`] wires the stages; [`maintenance`] keeps partitions ahead
 //!   and prunes old ones; [`dlq`] inspects and replays dead letters;
 //! - [`config`], [`metrics`], [`health`], [`http`]: settings and what
-//!   operators see.
+//!   operators see; [`alloc`]: the binaries' allocator.
 //!
 //! Lower layers never import higher ones: `config`, `metrics`, `event` ◀
 //! `copy` ◀ `store` ◀ `decode` ◀ `lane` ◀ `batch` ◀ `write` ◀ `source` ◀
 //! `pipeline`, `maintenance`, `dlq`.
 
+pub mod alloc;
 pub(crate) mod batch;
 pub mod config;
 pub mod copy;

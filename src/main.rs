@@ -12,9 +12,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use weir::config::{self, Config, LogFormat};
 
 // Decoding allocates many small, short-lived objects (JSON trees); mimalloc
-// serves them markedly cheaper than the system allocator.
+// serves them markedly cheaper than the system allocator (asked as
+// `weir::alloc` explains).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: weir::alloc::Mimalloc = weir::alloc::Mimalloc;
 
 /// mimalloc's `mi_option_purge_delay` (its index in `mi_option_e`, which
 /// libmimalloc-sys does not name; a test checks it against the option's
@@ -614,7 +615,10 @@ mod tests {
         assert_eq!(get(MI_OPTION_ALLOW_THP - 1), 32);
         assert_eq!(get(MI_OPTION_ALLOW_THP), 1);
         assert_eq!(get(MI_OPTION_ALLOW_THP + 1), 0);
-        assert_eq!(thp_disabled(), 0);
+        // Not asserted unset: the flag is inherited across fork and exec, so
+        // a runner started under a process that set it starts with it set
+        // (the last check then holds without proving the call).
+        assert!(matches!(thp_disabled(), 0 | 1), "PR_GET_THP_DISABLE failed");
         no_transparent_huge_pages();
         assert_eq!(get(MI_OPTION_ALLOW_THP), 0);
         assert_eq!(thp_disabled(), 1);

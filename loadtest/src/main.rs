@@ -16,7 +16,7 @@ use weir_loadtest::{bench, chaos, connect, database_url, produce, reads, report,
 
 // The same allocator as the weir binary, so in-process measurements match.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: weir::alloc::Mimalloc = weir::alloc::Mimalloc;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -46,7 +46,6 @@ pub struct Outcome {
     pub skipped: bool,
 }
 
-/// One exploded item and where it came from.
 /// The event an item comes from.
 struct Origin<'a> {
     event: &'a Event,
@@ -56,6 +55,7 @@ struct Origin<'a> {
     now: i64,
 }
 
+/// One exploded item and where it came from.
 struct Item<'v> {
     value: &'v Json<'v>,
     indices: Vec<u32>,
@@ -258,8 +258,16 @@ impl Decoder {
         let segment = out.segment(source.index, source.table, lo, hi);
         let start = segment.begin_row();
         copy::begin_row(&mut segment.buf, source.columns.len() as u16);
-        for column in &source.columns {
-            let result = match context.input(column) {
+        for (index, column) in source.columns.iter().enumerate() {
+            // The time column's value was read and checked above: written
+            // from it, not read and converted again (a timestamp column, so
+            // the same bytes).
+            let input = if index == source.time_column {
+                Some(Input::UnixMicros(time))
+            } else {
+                context.input(column)
+            };
+            let result = match input {
                 None if column.required => Err(None),
                 None => {
                     copy::write_null(&mut segment.buf);
