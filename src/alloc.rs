@@ -124,15 +124,9 @@ mod tests {
                 }
                 for block in blocks.iter_mut() {
                     for new_size in [size + align, size * 3, (size / 2).max(1)] {
-                        // SAFETY: the block is live, of `layout` (its size
-                        // updated after each realloc).
-                        let moved = unsafe {
-                            Mimalloc.realloc(
-                                *block,
-                                Layout::from_size_align(size, align).expect("valid"),
-                                new_size,
-                            )
-                        };
+                        // SAFETY: the block is live, of `layout` (a fresh
+                        // one replaces it after each realloc).
+                        let moved = unsafe { Mimalloc.realloc(*block, layout, new_size) };
                         assert!(!moved.is_null());
                         assert_eq!(moved as usize % align, 0, "{size} to {new_size} at {align}");
                         // SAFETY: freed at the new size; this test never
