@@ -47,7 +47,8 @@ impl Event {
 /// Layout, per header: the name's length (u32, little-endian), the name
 /// (UTF-8), the value's length (u32, little-endian; [`Headers::NULL`] for a
 /// header without a value), the value. Only [`Headers::pack`] writes it, so
-/// every name is whole UTF-8 and every length fits what follows.
+/// every name is whole UTF-8 (a name that was not is written lossily) and
+/// every length fits what follows.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
     packed: Bytes,
@@ -61,13 +62,19 @@ impl Headers {
     /// Packs `pairs` into `scratch` (cleared first) and keeps the packed
     /// bytes as `store` copies them: the consumer's arena, or a fresh
     /// buffer. No headers keep nothing and call `store` not at all.
+    ///
+    /// Names come as bytes, as Kafka carries them. The protocol calls them
+    /// strings, but a client writing raw bytes can send any: a name that
+    /// is not UTF-8 is kept lossily, each bad sequence as U+FFFD (as the
+    /// dead-letter table stores a NUL in a name), and its value as it is.
     pub fn pack<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        pairs: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
         scratch: &mut Vec<u8>,
         store: impl FnOnce(&[u8]) -> Bytes,
     ) -> Headers {
         scratch.clear();
         for (name, value) in pairs {
+            let name = String::from_utf8_lossy(name);
             scratch.extend_from_slice(&length(name.len()).to_le_bytes());
             scratch.extend_from_slice(name.as_bytes());
             match value {
@@ -88,6 +95,9 @@ impl Headers {
 
     /// Headers from owned pairs, in a buffer of their own (tests, replay).
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Headers {
+        let pairs = pairs
+            .into_iter()
+            .map(|(name, value)| (name.as_bytes(), value));
         Headers::pack(pairs, &mut Vec::new(), Bytes::copy_from_slice)
     }
 
@@ -165,7 +175,8 @@ mod tests {
             ("company_id", Some(b"second")),
         ];
         let mut stored = 0;
-        let headers = Headers::pack(pairs.iter().copied(), &mut vec![1, 2, 3], |packed| {
+        let as_bytes = pairs.iter().map(|(name, value)| (name.as_bytes(), *value));
+        let headers = Headers::pack(as_bytes, &mut vec![1, 2, 3], |packed| {
             stored += 1;
             Bytes::copy_from_slice(packed)
         });
@@ -185,6 +196,25 @@ mod tests {
         assert_eq!(headers.get("missing"), None);
         assert_eq!(headers.get("company"), None);
         assert!(!headers.is_empty());
+
+        // A name that is not UTF-8 is kept lossily, its value as it is,
+        // and the headers after it are still read.
+        let odd = Headers::pack(
+            [
+                (&b"x-\xff\xfename"[..], Some(&b"kept"[..])),
+                (&b"trace"[..], None),
+            ],
+            &mut Vec::new(),
+            Bytes::copy_from_slice,
+        );
+        assert_eq!(
+            odd.iter().collect::<Vec<_>>(),
+            [
+                ("x-\u{fffd}\u{fffd}name", Some(&b"kept"[..])),
+                ("trace", None)
+            ]
+        );
+        assert_eq!(odd.get("x-\u{fffd}\u{fffd}name"), Some(&b"kept"[..]));
 
         // No headers: nothing stored, nothing read.
         let none = Headers::pack([], &mut Vec::new(), |_| unreachable!("nothing to store"));

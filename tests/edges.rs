@@ -857,3 +857,116 @@ async fn a_backlog_is_written_without_waiting_for_the_linger() {
     running.stop().await;
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
+
+/// Sends a generated event with one more header, whose name is raw bytes.
+/// rust-rdkafka's producer takes names as `&str`, so this one is added
+/// through librdkafka itself.
+async fn send_with_raw_header_name(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    event: &common::webhooks::Produced,
+    name: &[u8],
+    value: &[u8],
+) -> (i32, i64) {
+    let mut headers = OwnedHeaders::new();
+    for (name, value) in &event.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    // A `&BorrowedHeaders` is librdkafka's own headers pointer (rust-rdkafka
+    // casts one to the other); these headers are ours until sent.
+    let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+        as *mut rdkafka::bindings::rd_kafka_headers_t;
+    // SAFETY: `native` is the live headers list `headers` owns; librdkafka
+    // copies `name` and `value` (lengths given, so no NUL is needed).
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(
+        err,
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    );
+    let record = FutureRecord::to(topic)
+        .key(event.key.as_bytes())
+        .payload(&event.payload)
+        .headers(headers);
+    let delivery = producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(err, _)| err)
+        .expect("delivered");
+    (delivery.partition, delivery.offset)
+}
+
+/// A header whose name is not UTF-8. Kafka calls header names strings,
+/// but a client writing raw bytes can send any. rust-rdkafka's header
+/// reader unwraps each name as UTF-8: it panicked weir's consumer thread,
+/// so nothing more was read, and after a restart the same record did it
+/// again. Now the name is read lossily (U+FFFD for each bad sequence, as
+/// the dead-letter table already stores a NUL in a name), every row is
+/// written, and a dead letter keeps the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_kept_lossily_and_the_rows_flow() {
+    let Fixture {
+        db,
+        topics,
+        group,
+        config,
+    } = Fixture::new("rawhdr", 1).await;
+    let s = db.schema.clone();
+    let mut sent = common::generate(
+        Shape {
+            seed: 93,
+            chat_share: 0.0,
+            ..Shape::default()
+        },
+        12,
+    );
+    // The first event's body is not JSON: a dead letter, with its headers.
+    sent.events[0].payload = b"{\"object\": not json".to_vec();
+    sent.events[0].rows.clear();
+    sent.events[0].dead_letters = vec![common::webhooks::ExpectedDeadLetter {
+        table: None,
+        stage: "decode",
+        code: "invalid_json",
+    }];
+    let producer = common::producer();
+    let topic = topics.webhooks();
+    for event in &sent.events {
+        let position =
+            send_with_raw_header_name(&producer, &topic, event, b"x-\xff\xfename", b"kept").await;
+        sent.delivered.push(Some(position));
+    }
+    let running = Running::start(config);
+    common::wait_for_offsets(&db, &group, 12, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    common::assert_exactly_once(&db, &sent, &topics).await;
+    let headers: String = db
+        .client
+        .query_one(
+            &format!("SELECT kafka_headers::text FROM \"{s}\".weir_dead_letters"),
+            &[],
+        )
+        .await
+        .expect("the dead letter")
+        .get(0);
+    println!("dead letter's headers: {headers}");
+    assert!(
+        headers.contains(r#"{"key": "x-\ufffd\ufffdname", "value": "kept"}"#)
+            || headers.contains(r#"{"key": "x-��name", "value": "kept"}"#),
+        "the odd name is kept lossily with its value: {headers}"
+    );
+    assert!(
+        headers.contains(r#""key": "company_id""#),
+        "the other headers are kept: {headers}"
+    );
+}

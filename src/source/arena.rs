@@ -120,7 +120,7 @@ impl Arena {
     /// view (see [`Headers`]).
     pub fn headers<'a>(
         &mut self,
-        pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        pairs: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     ) -> Headers {
         let mut scratch = std::mem::take(&mut self.scratch);
         let headers = Headers::pack(pairs, &mut scratch, |packed| self.copy(packed));
@@ -154,7 +154,10 @@ mod tests {
         assert_eq!(&b[..], b"second");
         assert!(arena.copy(b"").is_empty());
         // A message's headers go into the block too, as one view.
-        let headers = arena.headers([("company_id", Some(&b"c1"[..])), ("trace", None)]);
+        let headers = arena.headers([
+            (&b"company_id"[..], Some(&b"c1"[..])),
+            (&b"trace"[..], None),
+        ]);
         assert_eq!(headers.get("company_id"), Some(&b"c1"[..]));
         assert_eq!(headers.len(), 2);
         assert!(arena.headers([]).is_empty());

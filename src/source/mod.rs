@@ -33,7 +33,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
@@ -772,6 +772,50 @@ fn read_lanes(
     took
 }
 
+/// A message's headers, packed into `arena`. Read through librdkafka
+/// itself: rust-rdkafka's reader unwraps every header name as UTF-8, and a
+/// name that is not (Kafka calls names strings, but a client writing raw
+/// bytes can send any) panicked the consumer thread, which then read
+/// nothing more, and met the same record again after a restart. Names go
+/// to [`Headers::pack`](crate::event::Headers::pack) as bytes.
+fn headers_of(message: &BorrowedMessage<'_>, arena: &mut arena::Arena) -> crate::event::Headers {
+    use rdkafka::bindings as rd;
+    let mut native: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: the message pointer is valid while `message` is borrowed.
+    // librdkafka parses the headers on the first call and keeps them with
+    // the message, which owns them: `native` lives as long as `message`.
+    let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut native) };
+    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
+        // `_NOENT`: the message has no headers.
+        return crate::event::Headers::default();
+    }
+    // SAFETY: `native` is the message's live headers list (above).
+    let count = unsafe { rd::rd_kafka_header_cnt(native) };
+    let pairs = (0..count).filter_map(|index| {
+        let mut name: *const std::ffi::c_char = std::ptr::null();
+        let mut value: *const std::ffi::c_void = std::ptr::null();
+        let mut size = 0usize;
+        // SAFETY: as above; `index` is below the list's count, and the
+        // three out-pointers are valid for writes.
+        let err =
+            unsafe { rd::rd_kafka_header_get_all(native, index, &mut name, &mut value, &mut size) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            return None;
+        }
+        // SAFETY: librdkafka keeps each name NUL-terminated and each value
+        // `size` bytes long (NULL for a header without one), both owned by
+        // the headers list, so by the message, for the borrow's length.
+        let (name, value) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(name).to_bytes(),
+                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
+            )
+        };
+        Some((name, value))
+    });
+    arena.headers(pairs)
+}
+
 /// The partition's high watermark as of librdkafka's last fetch response
 /// for it (no request to the broker); -1 when none is known yet.
 fn high_watermark(consumer: &BaseConsumer<WeirContext>, topic: &str, partition: i32) -> i64 {
@@ -982,14 +1026,7 @@ fn take(
         offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),
         key: message.key().map(|key| state.arena.copy(key)),
-        headers: message
-            .headers()
-            .map(|headers| {
-                state
-                    .arena
-                    .headers(headers.iter().map(|h| (h.key, h.value)))
-            })
-            .unwrap_or_default(),
+        headers: headers_of(message, &mut state.arena),
         payload: state.arena.copy(message.payload().unwrap_or_default()),
     };
     // Charged for its rows too, before they exist: see `charge_for`.
