@@ -27,12 +27,16 @@ async fn stored_at(db: &TestDb, group: &str, topic: &str, partition: i32) -> Opt
         .map(|row| row.get(0))
 }
 
-/// Sends a generated event with an explicit Kafka timestamp (CreateTime).
-async fn send_with_timestamp(
+/// Sends a generated event, with an explicit Kafka timestamp (CreateTime)
+/// and one more header whose name is raw bytes, when given. rust-rdkafka's
+/// producer takes names as `&str`, so that one is added through librdkafka
+/// itself.
+async fn send_event(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
     event: &common::webhooks::Produced,
     timestamp_ms: Option<i64>,
+    raw_header: Option<(&[u8], &[u8])>,
 ) -> (i32, i64) {
     let mut headers = OwnedHeaders::new();
     for (name, value) in &event.headers {
@@ -40,6 +44,29 @@ async fn send_with_timestamp(
             key: name,
             value: Some(value.as_bytes()),
         });
+    }
+    if let Some((name, value)) = raw_header {
+        // A `&BorrowedHeaders` is librdkafka's own headers pointer
+        // (rust-rdkafka casts one to the other); these headers are ours
+        // until sent.
+        let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+            as *mut rdkafka::bindings::rd_kafka_headers_t;
+        // SAFETY: `native` is the live headers list `headers` owns;
+        // librdkafka copies `name` and `value` (lengths given, so no NUL
+        // is needed).
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_header_add(
+                native,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                value.as_ptr().cast(),
+                value.len() as isize,
+            )
+        };
+        assert_eq!(
+            err,
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
     }
     let mut record = FutureRecord::to(topic)
         .key(event.key.as_bytes())
@@ -56,11 +83,6 @@ async fn send_with_timestamp(
     (delivery.partition, delivery.offset)
 }
 
-/// A producer that sends microseconds as milliseconds stamps a message in
-/// the year 55,000. The event's webhook_logs row (whose time is the Kafka
-/// timestamp) becomes a dead letter, and the dead letter itself records the
-/// timestamp as NULL with the reason. Before: encoding that dead letter
-/// panicked the writer, and no later event of its partitions was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() {
     let Fixture {
@@ -83,7 +105,7 @@ async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() 
     let microseconds_as_millis = 1_700_000_000_000_000i64;
     for (index, event) in sent.events.iter().enumerate() {
         let timestamp = (index == 0).then_some(microseconds_as_millis);
-        let position = send_with_timestamp(&producer, &topic, event, timestamp).await;
+        let position = send_event(&producer, &topic, event, timestamp, None).await;
         sent.delivered.push(Some(position));
     }
     // Every table takes `received_at` from the Kafka timestamp: each row
@@ -858,54 +880,6 @@ async fn a_backlog_is_written_without_waiting_for_the_linger() {
     common::assert_exactly_once(&db, &sent, &topics).await;
 }
 
-/// Sends a generated event with one more header, whose name is raw bytes.
-/// rust-rdkafka's producer takes names as `&str`, so this one is added
-/// through librdkafka itself.
-async fn send_with_raw_header_name(
-    producer: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    event: &common::webhooks::Produced,
-    name: &[u8],
-    value: &[u8],
-) -> (i32, i64) {
-    let mut headers = OwnedHeaders::new();
-    for (name, value) in &event.headers {
-        headers = headers.insert(Header {
-            key: name,
-            value: Some(value.as_bytes()),
-        });
-    }
-    // A `&BorrowedHeaders` is librdkafka's own headers pointer (rust-rdkafka
-    // casts one to the other); these headers are ours until sent.
-    let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
-        as *mut rdkafka::bindings::rd_kafka_headers_t;
-    // SAFETY: `native` is the live headers list `headers` owns; librdkafka
-    // copies `name` and `value` (lengths given, so no NUL is needed).
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_header_add(
-            native,
-            name.as_ptr().cast(),
-            name.len() as isize,
-            value.as_ptr().cast(),
-            value.len() as isize,
-        )
-    };
-    assert_eq!(
-        err,
-        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
-    );
-    let record = FutureRecord::to(topic)
-        .key(event.key.as_bytes())
-        .payload(&event.payload)
-        .headers(headers);
-    let delivery = producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(err, _)| err)
-        .expect("delivered");
-    (delivery.partition, delivery.offset)
-}
-
 /// A header whose name is not UTF-8. Kafka calls header names strings,
 /// but a client writing raw bytes can send any. rust-rdkafka's header
 /// reader unwraps each name as UTF-8: it panicked weir's consumer thread,
@@ -941,8 +915,8 @@ async fn a_header_name_that_is_not_utf8_is_kept_lossily_and_the_rows_flow() {
     let producer = common::producer();
     let topic = topics.webhooks();
     for event in &sent.events {
-        let position =
-            send_with_raw_header_name(&producer, &topic, event, b"x-\xff\xfename", b"kept").await;
+        let raw_header = Some((&b"x-\xff\xfename"[..], &b"kept"[..]));
+        let position = send_event(&producer, &topic, event, None, raw_header).await;
         sent.delivered.push(Some(position));
     }
     let running = Running::start(config);
