@@ -786,7 +786,10 @@ fn headers_of(message: &BorrowedMessage<'_>, arena: &mut arena::Arena) -> crate:
     // the message, which owns them: `native` lives as long as `message`.
     let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut native) };
     if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
-        // `_NOENT`: the message has no headers.
+        // `_NOENT`: the message has no headers. A header block librdkafka
+        // cannot parse (`_BAD_MSG`, from a broken producer: the record's
+        // CRC passed) reads as none too, as it did through rust-rdkafka; a
+        // column that reads a header then sees it missing.
         return crate::event::Headers::default();
     }
     // SAFETY: `native` is the message's live headers list (above).
