@@ -103,8 +103,9 @@ impl Headers {
 
     /// Each header's name and value, in the order the message carries them.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
-        // `pack` wrote every name from a `str`, so none fails the check; a
-        // failure would end the headers rather than read a broken name.
+        // `pack` wrote every name as UTF-8 (lossily where it was not), so
+        // none fails the check; a failure would end the headers rather than
+        // read a broken name.
         self.entries()
             .map_while(|(name, value)| Some((std::str::from_utf8(name).ok()?, value)))
     }

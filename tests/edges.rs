@@ -83,6 +83,11 @@ async fn send_event(
     (delivery.partition, delivery.offset)
 }
 
+/// A producer that sends microseconds as milliseconds stamps a message in
+/// the year 55,000. The event's webhook_logs row (whose time is the Kafka
+/// timestamp) becomes a dead letter, and the dead letter itself records the
+/// timestamp as NULL with the reason. Before: encoding that dead letter
+/// panicked the writer, and no later event of its partitions was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_timestamp_past_year_9999_is_a_dead_letter_and_the_rest_flows() {
     let Fixture {
