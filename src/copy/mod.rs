@@ -206,7 +206,7 @@ fn encode_value(
                 i32::try_from(n).map_err(|_| FieldError::OutOfRange(format!("{n} for integer")))?;
             put(buf, n.to_be_bytes());
         }
-        PgType::Int8 => put(buf, (to_i64(input)?).to_be_bytes()),
+        PgType::Int8 => put(buf, to_i64(input)?.to_be_bytes()),
         PgType::Float4 => {
             let x = to_f64(input)?;
             if x.is_finite() && x.abs() > f32::MAX as f64 {
@@ -214,7 +214,7 @@ fn encode_value(
             }
             put(buf, (x as f32).to_be_bytes());
         }
-        PgType::Float8 => put(buf, (to_f64(input)?).to_be_bytes()),
+        PgType::Float8 => put(buf, to_f64(input)?.to_be_bytes()),
         PgType::Numeric => {
             let text = match input {
                 Input::Str(s) => s.trim().to_string(),
