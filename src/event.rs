@@ -54,6 +54,18 @@ pub struct Headers {
     packed: Bytes,
 }
 
+/// A header name's bytes as [`Headers`] keeps them: as they are when they
+/// are UTF-8, as nearly every name is, and lossily otherwise. The word-wise
+/// ASCII check settles nearly every name; counted, `from_utf8_lossy` and
+/// `from_utf8` each took about 90 instructions for a short name.
+fn utf8_name(name: &[u8]) -> Cow<'_, [u8]> {
+    if name.is_ascii() || std::str::from_utf8(name).is_ok() {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(String::from_utf8_lossy(name).into_owned().into_bytes())
+    }
+}
+
 impl Headers {
     /// The length that marks a header without a value. A Kafka record's
     /// lengths are signed 32-bit, so no value is this long.
@@ -74,9 +86,9 @@ impl Headers {
     ) -> Headers {
         scratch.clear();
         for (name, value) in pairs {
-            let name = String::from_utf8_lossy(name);
+            let name = utf8_name(name);
             scratch.extend_from_slice(&length(name.len()).to_le_bytes());
-            scratch.extend_from_slice(name.as_bytes());
+            scratch.extend_from_slice(&name);
             match value {
                 Some(value) => {
                     scratch.extend_from_slice(&length(value.len()).to_le_bytes());
