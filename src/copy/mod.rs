@@ -461,6 +461,9 @@ pub fn to_unix_micros(input: Input<'_>, unit: TimeUnit) -> Result<i64, FieldErro
                 scale_epoch(value, unit)?
             }
         }
+        // Epoch digits, the common webhook form, read in one pass; the
+        // same value `parse::<i64>` below gives them.
+        Input::Str(s) if let Some(value) = epoch_digits(s) => scale_epoch_int(value, unit)?,
         Input::Str(s) => {
             let s = s.trim();
             let numeric = !s.is_empty()
@@ -492,6 +495,19 @@ pub fn to_unix_micros(input: Input<'_>, unit: TimeUnit) -> Result<i64, FieldErro
         ));
     }
     Ok(micros)
+}
+
+/// `s` as a number when it is nothing but 1 to 18 ASCII digits, which
+/// always fit an i64.
+fn epoch_digits(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 18 {
+        return None;
+    }
+    s.bytes().try_fold(0i64, |n, digit| {
+        digit
+            .is_ascii_digit()
+            .then(|| n * 10 + i64::from(digit - b'0'))
+    })
 }
 
 fn scale_epoch_int(value: i64, unit: TimeUnit) -> Result<i64, FieldError> {
@@ -759,6 +775,47 @@ mod tests {
             encode(&PgType::Timestamptz, Input::Str("99999999999999")),
             Err(FieldError::OutOfRange(_))
         ));
+    }
+
+    #[test]
+    fn epoch_digits_read_what_parse_reads() {
+        let mut texts: Vec<String> = ["0", "007", "1700000000", "999999999999999999"]
+            .map(String::from)
+            .to_vec();
+        // Every length up to 19 digits, and every digit in every place.
+        for len in 1..=19 {
+            for digit in b'0'..=b'9' {
+                texts.push(
+                    (0..len)
+                        .map(|i| (b'0' + (i * 7 + digit) % 10) as char)
+                        .collect(),
+                );
+            }
+        }
+        for text in &texts {
+            let read = epoch_digits(text);
+            if text.len() <= 18 {
+                assert_eq!(read, text.parse::<i64>().ok(), "{text}");
+            } else {
+                assert_eq!(read, None, "{text}");
+            }
+        }
+        for other in ["", "-5", "+5", " 5", "5 ", "1.5", "1e3", "5a", "٣"] {
+            assert_eq!(epoch_digits(other), None, "{other:?}");
+        }
+        // Those still read as before, by the general path.
+        assert_eq!(
+            to_unix_micros(Input::Str(" 5 "), TimeUnit::Seconds),
+            Ok(5_000_000)
+        );
+        assert_eq!(
+            to_unix_micros(Input::Str("-5"), TimeUnit::Millis),
+            Ok(-5_000)
+        );
+        assert_eq!(
+            to_unix_micros(Input::Str("1.5"), TimeUnit::Seconds),
+            Ok(1_500_000)
+        );
     }
 
     #[test]
