@@ -27,8 +27,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// No transparent huge pages for weir's memory. weir frees a batch's
-/// memory as soon as it is written (see [`return_freed_memory_promptly`]),
-/// and the next batch faults it in again: as 2 MiB huge pages, each zeroed
+/// memory soon after it is written (see [`return_freed_memory_soon`]),
+/// and a later batch faults it in again: as 2 MiB huge pages, each zeroed
 /// whole (and compacted for, where the kernel's THP `defrag` is `madvise`)
 /// however little of it is used. With 4 KiB pages, alternated drains of the
 /// bench took 11% less CPU per row and peaked 20 MiB lower
@@ -50,17 +50,28 @@ fn no_transparent_huge_pages() {
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-/// Freed memory goes back to the OS at once, not after mimalloc's default
-/// delay of a second. Under a backlog, batches come and go far faster than
-/// that, so the default kept about 45 MiB of freed pages resident: peak RSS
-/// of a full-speed drain 162-187 MiB by default, 125-139 MiB purging at
-/// once, for 0.1-0.7 us more CPU per row (loadtest/RESULTS.md). An
-/// operator's `MIMALLOC_PURGE_DELAY` wins.
-fn return_freed_memory_promptly() {
+/// How long mimalloc keeps freed pages before it gives them back to the
+/// OS, in milliseconds.
+///
+/// - Its default, a second, kept about a second of batches resident under
+///   a backlog: peak RSS of a full-speed drain 162-187 MiB.
+/// - Purging at once (0, weir's setting until 2026-11-24) made every batch
+///   fault its memory in afresh, each page zeroed by the kernel: a quarter
+///   of weir's CPU was in the kernel, 0.26 page faults per row (COPY
+///   chunks, vectors, librdkafka's decompression buffers).
+/// - A tenth of a second spans about one flush at full speed, so the next
+///   batches reuse the last one's pages: 0.17-0.20 faults per row, 40%
+///   less kernel time per row, and peak RSS 113-136 MiB against 104-118
+///   purging at once (loadtest/RESULTS.md).
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
+
+/// Freed memory goes back to the OS after [`PURGE_DELAY_MS`], not after
+/// mimalloc's default second. An operator's `MIMALLOC_PURGE_DELAY` wins.
+fn return_freed_memory_soon() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one of mimalloc's options, an atomic store that is
         // valid at any time, from any thread.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     }
 }
 
@@ -226,7 +237,7 @@ enum PartitionsCommand {
 }
 
 fn main() -> ExitCode {
-    return_freed_memory_promptly();
+    return_freed_memory_soon();
     no_transparent_huge_pages();
     let cli = Cli::parse();
     let config = match Config::load(&cli.config, &config::process_env()) {
@@ -597,8 +608,8 @@ mod tests {
         // here.
         assert_eq!(get(MI_OPTION_PURGE_DELAY), 1000);
         assert_eq!(get(MI_OPTION_PURGE_DELAY + 1), 0);
-        return_freed_memory_promptly();
-        assert_eq!(get(MI_OPTION_PURGE_DELAY), 0);
+        return_freed_memory_soon();
+        assert_eq!(get(MI_OPTION_PURGE_DELAY), PURGE_DELAY_MS);
     }
 
     #[test]

@@ -120,21 +120,42 @@ fn events_for(items: u64, now_secs: i64) -> (u64, u64) {
 
 /// CPU seconds used so far by a process.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / clock_ticks()
+    let stat = ProcStat::read(pid);
+    stat.user_seconds + stat.kernel_seconds
+}
+
+/// What `/proc/<pid>/stat` says of a process's CPU and page faults (all 0
+/// when it is gone).
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStat {
+    user_seconds: f64,
+    kernel_seconds: f64,
+    /// Page faults served without IO: mostly fresh anonymous pages, each
+    /// zeroed by the kernel (memory the allocator gave back and took again).
+    minor_faults: f64,
+}
+
+impl ProcStat {
+    fn read(pid: u32) -> Self {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return Self::default();
+        };
+        let after = stat.rsplit(')').next().unwrap_or_default();
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // Field n of proc(5)'s stat is n - 3 after the name: minflt is 10,
+        // utime 14, stime 15.
+        let field = |n: usize| {
+            fields
+                .get(n - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Self {
+            user_seconds: field(14) / clock_ticks(),
+            kernel_seconds: field(15) / clock_ticks(),
+            minor_faults: field(10),
+        }
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -211,6 +232,10 @@ struct Measure {
     weir_cpu: f64,
     broker_cpu: f64,
     peak_rss_mib: f64,
+    /// Of `weir_cpu`, the part spent in the kernel.
+    weir_kernel_cpu: f64,
+    /// weir's minor page faults.
+    weir_faults: f64,
     /// weir's writer sessions as PostgreSQL saw them.
     sessions: Vec<SessionLoad>,
     /// Per writer, the fraction of its time spent writing (weir's own
@@ -950,7 +975,7 @@ impl Bench {
         // left out of the rate.
         let already = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0) as u64;
         let (weir_before, broker_before, cpu_before) = (
-            cpu_seconds(pid),
+            ProcStat::read(pid),
             brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
             postgres_cpu(),
         );
@@ -976,9 +1001,12 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let weir_after = ProcStat::read(pid);
         let (postgres_cpu, weir_cpu, broker_cpu, sessions) = (
             cpu_delta(&cpu_before, &postgres_cpu()),
-            cpu_seconds(pid) - weir_before,
+            weir_after.user_seconds + weir_after.kernel_seconds
+                - weir_before.user_seconds
+                - weir_before.kernel_seconds,
             brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
             sampler.loads(),
         );
@@ -986,6 +1014,14 @@ impl Bench {
             stop_profile(profiler)?;
         }
         let metrics = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
+        // Kept beside the logs: the stage counts and sums say how many
+        // statements a drain took and where its writers' time went.
+        std::fs::write(
+            self.args
+                .work_dir
+                .join(format!("{path}-{writers}-metrics.txt")),
+            &metrics,
+        )?;
         let measure = Measure {
             rows: items - already,
             seconds,
@@ -993,6 +1029,8 @@ impl Bench {
             weir_cpu,
             broker_cpu,
             peak_rss_mib: peak_rss_mib(pid),
+            weir_kernel_cpu: weir_after.kernel_seconds - weir_before.kernel_seconds,
+            weir_faults: weir_after.minor_faults - weir_before.minor_faults,
             sessions,
             writers_busy: writers_busy(&metrics),
             pauses: crate::report::metric_sum(&metrics, "weir_backpressure_pauses_total", ""),
@@ -1521,10 +1559,12 @@ fn where_the_time_goes(m: &Measure) -> String {
         })
         .collect();
     format!(
-        "{}; {}; weir used {:.0}% of a core; backpressure paused the partitions {:.0} times",
+        "{}; {}; weir used {:.0}% of a core ({:.0}% of it in the kernel, {:.2} page faults per row); backpressure paused the partitions {:.0} times",
         sessions.join(", "),
         writers.join(", "),
         m.weir_cpu / m.seconds.max(1e-9) * 100.0,
+        m.weir_kernel_cpu / m.weir_cpu.max(1e-9) * 100.0,
+        m.weir_faults / (m.rows.max(1) as f64),
         m.pauses
     )
 }
