@@ -120,8 +120,7 @@ fn events_for(items: u64, now_secs: i64) -> (u64, u64) {
 
 /// CPU seconds used so far by a process.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = ProcStat::read(pid);
-    stat.user_seconds + stat.kernel_seconds
+    ProcStat::read(pid).cpu_seconds()
 }
 
 /// What `/proc/<pid>/stat` says of a process's CPU and page faults (all 0
@@ -137,9 +136,15 @@ struct ProcStat {
 
 impl ProcStat {
     fn read(pid: u32) -> Self {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return Self::default();
-        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| Self::parse(&stat, clock_ticks()))
+            .unwrap_or_default()
+    }
+
+    /// A stat line, its times in clock ticks of `1 / ticks` seconds.
+    fn parse(stat: &str, ticks: f64) -> Self {
+        // The name may hold spaces and parentheses: the fields start after
+        // its last `)`.
         let after = stat.rsplit(')').next().unwrap_or_default();
         let fields: Vec<&str> = after.split_whitespace().collect();
         // Field n of proc(5)'s stat is n - 3 after the name: minflt is 10,
@@ -151,20 +156,29 @@ impl ProcStat {
                 .unwrap_or(0.0)
         };
         Self {
-            user_seconds: field(14) / clock_ticks(),
-            kernel_seconds: field(15) / clock_ticks(),
+            user_seconds: field(14) / ticks,
+            kernel_seconds: field(15) / ticks,
             minor_faults: field(10),
         }
     }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.user_seconds + self.kernel_seconds
+    }
 }
 
+/// Clock ticks per second, asked of `getconf` once (every CPU reading used
+/// to start a process for it).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Processes named `name` (by /proc/*/comm).
@@ -1004,9 +1018,7 @@ impl Bench {
         let weir_after = ProcStat::read(pid);
         let (postgres_cpu, weir_cpu, broker_cpu, sessions) = (
             cpu_delta(&cpu_before, &postgres_cpu()),
-            weir_after.user_seconds + weir_after.kernel_seconds
-                - weir_before.user_seconds
-                - weir_before.kernel_seconds,
+            weir_after.cpu_seconds() - weir_before.cpu_seconds(),
             brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
             sampler.loads(),
         );
@@ -1600,5 +1612,26 @@ weir_writer_seconds_sum{writer=\"1\",state=\"idle\"} 6
         assert_eq!(busy[0].0, "0");
         assert!((busy[0].1 - 0.75).abs() < 1e-9);
         assert!((busy[1].1 - 0.25).abs() < 1e-9);
+    }
+}
+
+#[cfg(test)]
+mod proc_stat_tests {
+    use super::ProcStat;
+
+    /// Fields are counted from the name's last `)`, whatever the name
+    /// holds: minflt is field 10, utime 14, stime 15 (proc(5)).
+    #[test]
+    fn a_stat_line_gives_cpu_and_minor_faults() {
+        let line = "4242 (tokio) rt (1)) S 1 4242 4242 0 -1 4194560 \
+                    777 0 3 0 250 50 0 0 20 0 9 0 100 0 0";
+        let stat = ProcStat::parse(line, 100.0);
+        assert_eq!(stat.minor_faults, 777.0);
+        assert_eq!(stat.user_seconds, 2.5);
+        assert_eq!(stat.kernel_seconds, 0.5);
+        assert_eq!(stat.cpu_seconds(), 3.0);
+        // A line cut short reads as nothing, not as a neighbour's field.
+        let cut = ProcStat::parse("4242 (weir) S 1 4242", 100.0);
+        assert_eq!((cut.minor_faults, cut.cpu_seconds()), (0.0, 0.0));
     }
 }
