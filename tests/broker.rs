@@ -8,8 +8,9 @@
 //! The topic holds compressed batches of exactly 100 records. Consumers are
 //! assigned at offsets inside batches, on batch boundaries and at the last
 //! record, and each must receive exactly the records from its offset on.
-//! A fetch past the end must be out of range, and a fetch must bring at
-//! most `max.partition.fetch.bytes` of a partition (see the last tests).
+//! A fetch past the end must be out of range, a fetch must bring at most
+//! `max.partition.fetch.bytes` of a partition, and a topic created again
+//! under its name must serve only its own batches (see the last tests).
 
 mod common;
 
@@ -29,19 +30,31 @@ const RECORDS: i64 = BATCHES * BATCH_RECORDS;
 /// linger, then flushed. A record's payload is its index, zero-padded to
 /// `payload_bytes`. Returns the offset of each record.
 fn produce_batches(topic: &str, compression: &str, payload_bytes: usize) -> Vec<i64> {
+    produce_batches_of(topic, compression, payload_bytes, BATCH_RECORDS, 0)
+}
+
+/// [`produce_batches`] in batches of `batch_records`, payloads counting
+/// from `first_index`.
+fn produce_batches_of(
+    topic: &str,
+    compression: &str,
+    payload_bytes: usize,
+    batch_records: i64,
+    first_index: i64,
+) -> Vec<i64> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &common::stack().brokers)
         .set("compression.type", compression)
         // A batch is cut by the flush below, never by time or size.
         .set("linger.ms", "60000")
-        .set("batch.num.messages", BATCH_RECORDS.to_string())
+        .set("batch.num.messages", batch_records.to_string())
         .set("batch.size", "10000000")
         .set("acks", "all")
         .create()
         .expect("producer");
-    for batch in 0..BATCHES {
-        for record in 0..BATCH_RECORDS {
-            let index = (batch * BATCH_RECORDS + record).to_string();
+    for batch in 0..RECORDS / batch_records {
+        for record in 0..batch_records {
+            let index = (first_index + batch * batch_records + record).to_string();
             let payload = format!("{index:0>payload_bytes$}");
             producer
                 .send(
@@ -191,6 +204,46 @@ fn fetches_inside_zstd_batches_return_the_rest_of_the_batch() {
 #[test]
 fn fetches_inside_lz4_batches_return_the_rest_of_the_batch() {
     conformance("lz4");
+}
+
+/// The local broker finds a fetch's batches through an index of the batches
+/// it stored (part 6 of the patch), where 0.6.0 listed them all on every
+/// fetch. A topic deleted and created again under its name starts empty:
+/// fetches must serve the new topic's batches, never the old layout the
+/// index held. The old topic is stored in batches of 50 and the new one in
+/// batches of 100, so the old entries at 50, 150, ... are not overwritten
+/// by new ones. Inside the log they leave gaps the index sees; at its end
+/// the old entry at 950 would send a fetch at 999 to a batch that is gone
+/// (with the index kept across the deletion, the broker failed that fetch
+/// and the consumer saw every broker down).
+#[test]
+fn a_topic_created_again_under_its_name_serves_only_its_own_batches() {
+    let topic = common::unique("recreated");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
+    produce_batches_of(&topic, "lz4", 0, BATCH_RECORDS / 2, 0);
+    rt.block_on(common::delete_topics(std::slice::from_ref(&topic)));
+    rt.block_on(common::create_topics(std::slice::from_ref(&topic), 1));
+    const SECOND: i64 = 1_000_000;
+    let offsets = produce_batches_of(&topic, "lz4", 0, BATCH_RECORDS, SECOND);
+    assert_eq!(
+        offsets,
+        (0..RECORDS).collect::<Vec<_>>(),
+        "the topic created again starts at offset 0"
+    );
+    for start in [1, 75, 120, 650, RECORDS - 1] {
+        let received = consume_from(&topic, start, "500");
+        let expected: Vec<(i64, i64)> = (start..RECORDS).map(|o| (o, SECOND + o)).collect();
+        assert_eq!(
+            received.first(),
+            expected.first(),
+            "assigned at {start}: the first record of the topic created again"
+        );
+        assert_eq!(
+            received, expected,
+            "assigned at {start}: exactly the new topic's records"
+        );
+    }
 }
 
 /// Apache Kafka answers a fetch as soon as `fetch.min.bytes` are there; it

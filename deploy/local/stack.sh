@@ -21,8 +21,9 @@
 #
 # tansu is built from crates.io with weir's patches to two of its crates,
 # beside this script: tansu-storage-0.6.0.patch (0.6.0 answered a fetch that
-# starts inside a record batch with the next batch, losing records, and held
-# every fetch for its full max wait) and tansu-broker-0.6.0.patch (its group
+# starts inside a record batch with the next batch, losing records, held
+# every fetch for its full max wait, and listed every stored batch of a
+# partition on every fetch) and tansu-broker-0.6.0.patch (its group
 # coordinator could leave a killed consumer's partitions owned by nobody for
 # minutes). The cached build is keyed by both patches' hash, so a changed patch
 # rebuilds; a patch that no longer applies stops the script with an error.

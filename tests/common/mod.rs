@@ -211,6 +211,24 @@ pub async fn create_topics(names: &[String], partitions: i32) {
     }
 }
 
+pub async fn delete_topics(names: &[String]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &stack().brokers)
+        .create()
+        .expect("admin client");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for result in admin
+        .delete_topics(
+            &names,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("delete topics")
+    {
+        result.expect("topic deleted");
+    }
+}
+
 /// The shipped `config/weir.toml`, pointed at this test's schema, topics and
 /// group, with tansu-friendly consumer settings.
 pub fn config_text(schema: &str, topics: &Topics, group: &str, extra: &str) -> String {
