@@ -167,6 +167,16 @@ impl ProcStat {
     }
 }
 
+/// Pages the kernel has written to disk since boot (`nr_written` of
+/// `/proc/vmstat`: writeback of dirty pages and `fsync`ed writes alike), if
+/// it says.
+fn pages_written_back() -> Option<u64> {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("nr_written ")?.trim().parse().ok())
+}
+
 /// Clock ticks per second, asked of `getconf` once (every CPU reading used
 /// to start a process for it).
 fn clock_ticks() -> f64 {
@@ -1056,6 +1066,23 @@ impl Bench {
         Ok(measure)
     }
 
+    /// PostgreSQL's counts of checkpoints (timed, requested) and of
+    /// autovacuums and autoanalyzes of the bench schema's tables: work of
+    /// the server's own that competes with the writers for the machine.
+    async fn background(&self, client: &Client) -> anyhow::Result<[i64; 4]> {
+        let row = client
+            .query_one(
+                "SELECT (SELECT checkpoints_timed FROM pg_stat_bgwriter),
+                        (SELECT checkpoints_req FROM pg_stat_bgwriter),
+                        coalesce(sum(autovacuum_count), 0)::int8,
+                        coalesce(sum(autoanalyze_count), 0)::int8
+                   FROM pg_stat_user_tables WHERE schemaname = $1",
+                &[&self.schema],
+            )
+            .await?;
+        Ok(std::array::from_fn(|i| row.get(i)))
+    }
+
     /// Live traffic at `events_per_second` for `latency_secs`, weir with 2 writers.
     async fn latency(&self, client: &Client, events_per_second: f64) -> anyhow::Result<Latency> {
         self.reset(client).await?;
@@ -1123,6 +1150,8 @@ impl Bench {
                 cpu_seconds(std::process::id()),
             ]
         };
+        let background_before = self.background(client).await?;
+        let written_back_before = pages_written_back();
         let cpu_before = cpu_now();
         let traffic_started = Instant::now();
         let manifest = tokio::task::spawn_blocking(move || produce(&brokers, &args)).await??;
@@ -1136,6 +1165,24 @@ impl Bench {
         let wall = traffic_started.elapsed().as_secs_f64();
         let cpu_after = cpu_now();
         let cores: [f64; 4] = std::array::from_fn(|i| (cpu_after[i] - cpu_before[i]) / wall);
+        let background_after = self.background(client).await?;
+        let background: [i64; 4] =
+            std::array::from_fn(|i| background_after[i] - background_before[i]);
+        // The kernel writes a file's dirty pages back 30 s (by default) after
+        // it was first dirtied, all at once: PostgreSQL's COPYs and WAL
+        // flushes wait on the disk meanwhile. nr_written counts pages of
+        // PAGE_SIZE, 4 KiB on the machines the bench runs on.
+        let written_back_mib = pages_written_back()
+            .zip(written_back_before)
+            .map(|(after, before)| (after - before) as f64 * 4096.0 / (1 << 20) as f64);
+        println!(
+            "background work during the live traffic: PostgreSQL {} timed and {} requested checkpoints, {} autovacuums and {} autoanalyzes of the bench's tables; the kernel wrote {} to disk (WAL, data files)",
+            background[0],
+            background[1],
+            background[2],
+            background[3],
+            written_back_mib.map_or("an unknown amount".to_string(), |m| format!("{m:.0} MiB"))
+        );
         let scrape = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         terminate(&mut child)?;
         // Kept for reading the stages' histograms after the run.
@@ -1178,6 +1225,29 @@ impl Bench {
                 &[],
             )
             .await?;
+        // The tail's shape over the run: each second's p99 (by Kafka
+        // timestamp), to tell a tail that grows from one that comes and goes.
+        let by_second = client
+            .query(
+                &format!(
+                    "WITH r AS (SELECT received_at, extract(epoch FROM ingested_at - received_at) AS lat
+                                  FROM \"{0}\".wa_events)
+                     SELECT floor(extract(epoch FROM received_at - (SELECT min(received_at) FROM r)))::int8,
+                            percentile_cont(0.99) WITHIN GROUP (ORDER BY lat)
+                       FROM r GROUP BY 1 ORDER BY 1",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        println!(
+            "latency p99 by second of the run (ms, rows): {}",
+            by_second
+                .iter()
+                .map(|row| format!("{:.0}", row.get::<_, f64>(1) * 1000.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let seconds: Vec<String> = slow
             .iter()
             .map(|row| {

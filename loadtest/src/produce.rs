@@ -20,6 +20,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::manifest::{Delivery, DeliveryLog, Manifest};
 use crate::webhooks::{CHAT_TOPIC, Generator, Shape, WEBHOOK_TOPIC};
 
+/// How far ahead of its schedule a paced generator may run before it
+/// sleeps (see `produce`).
+const PACING_TICK: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceArgs {
     /// Events to send (redeliveries included).
@@ -195,8 +199,17 @@ pub fn produce(brokers: &str, args: &ProduceArgs) -> anyhow::Result<Manifest> {
             break;
         }
         if args.rate > 0 {
+            // Paced in ticks: an event may go up to one tick before its due
+            // time, and the generator sleeps only once it is a tick ahead.
+            // Sleeping before every event (40 us apart at 25K/s) cost a
+            // wake-up each: the generator used 0.52 of a core at 25K
+            // events/s, 0.39 to 0.44 paced in ticks, on the machine weir is
+            // measured on. The producer's linger batches the same records
+            // either way.
             let due = started + Duration::from_secs_f64(sent as f64 / args.rate as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            if let Some(wait) = due.checked_duration_since(Instant::now())
+                && wait >= PACING_TICK
+            {
                 std::thread::sleep(wait);
             }
         }
