@@ -1151,6 +1151,10 @@ impl Bench {
             ]
         };
         let background_before = self.background(client).await?;
+        let pg_started: f64 = client
+            .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+            .await?
+            .get(0);
         let written_back_before = pages_written_back();
         let cpu_before = cpu_now();
         let traffic_started = Instant::now();
@@ -1183,6 +1187,31 @@ impl Bench {
             background[3],
             written_back_mib.map_or("an unknown amount".to_string(), |m| format!("{m:.0} MiB"))
         );
+        // When they finished, to line them up with the p99 by second below.
+        let finished: Vec<String> = client
+            .query(
+                "SELECT relname, 'autovacuum', extract(epoch FROM last_autovacuum)::float8 - $2
+                   FROM pg_stat_user_tables WHERE schemaname = $1 AND last_autovacuum >= to_timestamp($2)
+                 UNION ALL
+                 SELECT relname, 'autoanalyze', extract(epoch FROM last_autoanalyze)::float8 - $2
+                   FROM pg_stat_user_tables WHERE schemaname = $1 AND last_autoanalyze >= to_timestamp($2)
+                 ORDER BY 3",
+                &[&self.schema, &pg_started],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                format!(
+                    "{} of {} finished at second {:.1}",
+                    row.get::<_, &str>(1),
+                    row.get::<_, &str>(0),
+                    row.get::<_, f64>(2)
+                )
+            })
+            .collect();
+        if !finished.is_empty() {
+            println!("  {}", finished.join("; "));
+        }
         let scrape = crate::report::fetch(&format!("http://127.0.0.1:{http}/metrics")).await?;
         terminate(&mut child)?;
         // Kept for reading the stages' histograms after the run.
