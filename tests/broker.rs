@@ -212,10 +212,11 @@ fn fetches_inside_lz4_batches_return_the_rest_of_the_batch() {
 /// fetches must serve the new topic's batches, never the old layout the
 /// index held. The old topic is stored in batches of 50 and the new one in
 /// batches of 100, so the old entries at 50, 150, ... are not overwritten
-/// by new ones. Inside the log they leave gaps the index sees; at its end
-/// the old entry at 950 would send a fetch at 999 to a batch that is gone
-/// (with the index kept across the deletion, the broker failed that fetch
-/// and the consumer saw every broker down).
+/// by new ones. Inside the log they do not line up with the new batches
+/// and the index falls back to listing; at its end the old entry at 950
+/// would send a fetch at 999 to a batch that is gone (with the index kept
+/// across the deletion and a failed read not forgetting it, the broker
+/// failed that fetch and the consumer saw every broker down).
 #[test]
 fn a_topic_created_again_under_its_name_serves_only_its_own_batches() {
     let topic = common::unique("recreated");
