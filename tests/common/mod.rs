@@ -190,41 +190,33 @@ impl Topics {
     }
 }
 
-pub async fn create_topics(names: &[String], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// An admin client of the stack's broker, and the options of its calls.
+fn admin() -> (AdminClient<DefaultClientContext>, AdminOptions) {
+    let admin = ClientConfig::new()
         .set("bootstrap.servers", &stack().brokers)
         .create()
         .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    (admin, options)
+}
+
+pub async fn create_topics(names: &[String], partitions: i32) {
+    let (admin, options) = admin();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
         .collect();
-    for result in admin
-        .create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topics")
-    {
+    let results = admin.create_topics(&topics, &options).await;
+    for result in results.expect("create topics") {
         result.expect("topic created");
     }
 }
 
 pub async fn delete_topics(names: &[String]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &stack().brokers)
-        .create()
-        .expect("admin client");
+    let (admin, options) = admin();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    for result in admin
-        .delete_topics(
-            &names,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("delete topics")
-    {
+    let results = admin.delete_topics(&names, &options).await;
+    for result in results.expect("delete topics") {
         result.expect("topic deleted");
     }
 }
