@@ -1173,8 +1173,8 @@ impl Bench {
         let background: [i64; 4] =
             std::array::from_fn(|i| background_after[i] - background_before[i]);
         // The kernel writes a file's dirty pages back 30 s (by default) after
-        // it was first dirtied, all at once: PostgreSQL's COPYs and WAL
-        // flushes wait on the disk meanwhile. nr_written counts pages of
+        // it was first dirtied, all at once, and PostgreSQL's WAL flushes
+        // may queue behind that on the disk. nr_written counts pages of
         // PAGE_SIZE, 4 KiB on the machines the bench runs on.
         let written_back_mib = pages_written_back()
             .zip(written_back_before)
