@@ -1236,56 +1236,46 @@ impl Bench {
             .await?;
         let written: i64 = rows.get(0);
         let span: f64 = rows.get(2);
-        // Where the tail sits in the run: the seconds (by Kafka timestamp)
-        // holding the most rows over 250 ms, to tell a transient from a
-        // steady tail.
-        let slow = client
-            .query(
-                &format!(
-                    "WITH r AS (SELECT received_at, extract(epoch FROM ingested_at - received_at) AS lat
-                                  FROM \"{0}\".wa_events),
-                          s AS (SELECT floor(extract(epoch FROM received_at - (SELECT min(received_at) FROM r)))::int8 AS second,
-                                       count(*) FILTER (WHERE lat > 0.25) AS slow, count(*) AS rows,
-                                       max(lat)::float8 AS worst
-                                  FROM r GROUP BY 1)
-                     SELECT second, slow, rows, worst FROM s WHERE slow > 0 ORDER BY slow DESC, second LIMIT 5",
-                    self.schema
-                ),
-                &[],
-            )
-            .await?;
-        // The tail's shape over the run: each second's p99 (by Kafka
-        // timestamp), to tell a tail that grows from one that comes and goes.
-        let by_second = client
+        // The tail over the run, second by second (by Kafka timestamp): each
+        // second's p99, to tell a tail that grows from one that comes and
+        // goes, and the seconds holding the most rows over 250 ms.
+        let by_second: Vec<(i64, f64, i64, i64, f64)> = client
             .query(
                 &format!(
                     "WITH r AS (SELECT received_at, extract(epoch FROM ingested_at - received_at) AS lat
                                   FROM \"{0}\".wa_events)
                      SELECT floor(extract(epoch FROM received_at - (SELECT min(received_at) FROM r)))::int8,
-                            percentile_cont(0.99) WITHIN GROUP (ORDER BY lat)
+                            percentile_cont(0.99) WITHIN GROUP (ORDER BY lat),
+                            count(*) FILTER (WHERE lat > 0.25), count(*), max(lat)::float8
                        FROM r GROUP BY 1 ORDER BY 1",
                     self.schema
                 ),
                 &[],
             )
-            .await?;
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
+            .collect();
         println!(
             "latency p99 by second of the run (ms, rows): {}",
             by_second
                 .iter()
-                .map(|row| format!("{:.0}", row.get::<_, f64>(1) * 1000.0))
+                .map(|(_, p99, ..)| format!("{:.0}", p99 * 1000.0))
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        let mut slow: Vec<_> = by_second
+            .iter()
+            .filter(|(_, _, over, ..)| *over > 0)
+            .collect();
+        slow.sort_by_key(|(second, _, over, ..)| (std::cmp::Reverse(*over), *second));
         let seconds: Vec<String> = slow
             .iter()
-            .map(|row| {
+            .take(5)
+            .map(|(second, _, over, rows, worst)| {
                 format!(
-                    "second {}: {} of {} rows over 250 ms, worst {:.0} ms",
-                    row.get::<_, i64>(0),
-                    row.get::<_, i64>(1),
-                    row.get::<_, i64>(2),
-                    row.get::<_, f64>(3) * 1000.0
+                    "second {second}: {over} of {rows} rows over 250 ms, worst {:.0} ms",
+                    worst * 1000.0
                 )
             })
             .collect();
