@@ -5,13 +5,10 @@
 //! [`Request`]s (commit this offset to Kafka, reload this lane). Bytes read
 //! and not yet committed are charged to one [`InFlight`] budget.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-
-use metrics::{Gauge, gauge};
 
 use crate::event::Event;
-use crate::metrics as m;
 
 /// What the consumer tells a writer about one of its lanes.
 #[derive(Debug)]
@@ -82,11 +79,13 @@ pub fn reserved_for_rows(event: &Event) -> usize {
 
 /// Bytes taken from Kafka and not yet committed or dropped: the events,
 /// and the rows encoded from them.
+///
+/// Charged and released once per message, from the consumer thread and the
+/// batchers: only the atomic is touched. The consumer's loop publishes it
+/// as `weir_in_flight_bytes` once per pass, not per message.
 #[derive(Default)]
 pub struct InFlight {
     bytes: AtomicUsize,
-    /// The gauge's handle, looked up once (charged once per message).
-    gauge: OnceLock<Gauge>,
 }
 
 impl std::fmt::Debug for InFlight {
@@ -98,13 +97,8 @@ impl std::fmt::Debug for InFlight {
 }
 
 impl InFlight {
-    fn gauge(&self) -> &Gauge {
-        self.gauge.get_or_init(|| gauge!(m::IN_FLIGHT_BYTES))
-    }
-
     pub fn charge(&self, bytes: usize) {
-        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.gauge().set(now as f64);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn release(&self, bytes: usize) {
@@ -113,7 +107,6 @@ impl InFlight {
             before >= bytes,
             "in-flight accounting should never go negative"
         );
-        self.gauge().set(before.saturating_sub(bytes) as f64);
     }
 
     pub fn get(&self) -> usize {

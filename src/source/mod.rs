@@ -474,6 +474,7 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     let max_in_flight = config.pipeline.max_in_flight_bytes;
     let poll_time =
         metrics::histogram!(m::STAGE_DURATION, "stage" => m::stage::POLL, "table" => m::ALL_TABLES);
+    let in_flight_gauge = metrics::gauge!(m::IN_FLIGHT_BYTES);
     let commit_interval = Duration::from_millis(config.kafka.commit_interval_ms);
     let mut requests_open = true;
     // Kafka commits run on a thread of their own, synchronously: their
@@ -532,6 +533,9 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             None => {}
         }
         took = read_lanes(&consumer, &writers, &in_flight, &health, &poll_time);
+        // Published once a pass, not at every charge and release: those
+        // come once per message from this thread and the batchers.
+        in_flight_gauge.set(in_flight.get() as f64);
     }
 
     // Shutdown: hand nothing more to the writers. Closing their queues tells
@@ -722,7 +726,9 @@ fn consume_error(health: &Health, err: KafkaError) {
 
 /// Reads the partition queues backpressure lets be read, up to
 /// [`LANE_ROUND`] messages each, stopping at a writer whose queue fills.
-/// Returns the messages taken.
+/// Returns the messages taken. Each partition's round that took a message
+/// is one sample of the `poll` stage: from its first message to its end
+/// (the dequeues, the copies into the arena, the headers).
 fn read_lanes(
     consumer: &BaseConsumer<WeirContext>,
     writers: &[Sender<LaneEvent>],
@@ -751,15 +757,17 @@ fn read_lanes(
         // message before it is behind the partition's end even if more
         // arrived since.
         let mut high = None;
+        // The round is timed from its first message to its end: one
+        // sample per round, not per message, whose clock reads and
+        // histogram pushes cost more than the dequeue they timed.
+        let mut round_started = None;
         for _ in 0..LANE_ROUND {
             if full[writer] {
                 break;
             }
-            let polled = Instant::now();
             match queue.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
-                    // Time to get a message from librdkafka.
-                    poll_time.record(polled.elapsed().as_secs_f64());
+                    round_started.get_or_insert_with(Instant::now);
                     let high = *high.get_or_insert_with(|| high_watermark(consumer, &key.0, key.1));
                     full[writer] = take(consumer, &message, writers, in_flight, high);
                     took += 1;
@@ -767,6 +775,9 @@ fn read_lanes(
                 Some(Err(err)) => consume_error(health, err),
                 None => break,
             }
+        }
+        if let Some(started) = round_started {
+            poll_time.record(started.elapsed().as_secs_f64());
         }
     }
     took
