@@ -307,8 +307,8 @@ pub async fn run(
                 // The exporter keeps histogram samples until upkeep folds them
                 // into buckets; without a scrape they would pile up. At full
                 // speed that is about 200,000 samples a second (two per row),
-                // in freshly allocated blocks: folded every second, they
-                // stay a second's worth, on memory the allocator reuses.
+                // in freshly allocated blocks: folded every second, at most
+                // a second's worth is held.
                 let upkeep = handle.clone();
                 let readiness = health.clone();
                 let upkeep =
