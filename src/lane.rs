@@ -81,8 +81,8 @@ pub fn reserved_for_rows(event: &Event) -> usize {
 /// and the rows encoded from them.
 ///
 /// Charged and released once per message, from the consumer thread and the
-/// batchers: only the atomic is touched. The consumer's loop publishes it
-/// as `weir_in_flight_bytes` once per pass, not per message.
+/// batchers: only the atomic is touched. The metrics upkeep publishes it
+/// as `weir_in_flight_bytes` every second.
 #[derive(Default)]
 pub struct InFlight {
     bytes: AtomicUsize,

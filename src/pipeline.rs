@@ -301,34 +301,40 @@ pub async fn run(
     drop(shared);
     drop(died_tx);
 
-    let http =
-        match metrics {
-            Some(handle) => {
-                // The exporter keeps histogram samples until upkeep folds them
-                // into buckets; without a scrape they would pile up. At full
-                // speed that is about 200,000 samples a second (two per row),
-                // in freshly allocated blocks: folded every second, at most
-                // a second's worth is held.
-                let upkeep = handle.clone();
-                let readiness = health.clone();
-                let upkeep =
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            upkeep.run_upkeep();
-                            metrics::gauge!(crate::metrics::READY)
-                                .set(if readiness.readiness().ok { 1.0 } else { 0.0 });
-                        }
+    let http = match metrics {
+        Some(handle) => {
+            // The exporter keeps histogram samples until upkeep folds them
+            // into buckets; without a scrape they would pile up. At full
+            // speed that is about 200,000 samples a second (two per row),
+            // in freshly allocated blocks: folded every second, at most
+            // a second's worth is held.
+            let upkeep = handle.clone();
+            let readiness = health.clone();
+            // Charged and released once per message: the gauge is a
+            // sample taken here, with the readiness gauge, not a write
+            // at every charge.
+            let in_flight = in_flight.clone();
+            let upkeep = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    upkeep.run_upkeep();
+                    metrics::gauge!(crate::metrics::READY).set(if readiness.readiness().ok {
+                        1.0
+                    } else {
+                        0.0
                     });
-                Some((
-                    crate::http::serve(config.http.listen, handle, health.clone())
-                        .await
-                        .map_err(StartError::Other)?,
-                    upkeep,
-                ))
-            }
-            None => None,
-        };
+                    metrics::gauge!(crate::metrics::IN_FLIGHT_BYTES).set(in_flight.get() as f64);
+                }
+            });
+            Some((
+                crate::http::serve(config.http.listen, handle, health.clone())
+                    .await
+                    .map_err(StartError::Other)?,
+                upkeep,
+            ))
+        }
+        None => None,
+    };
 
     let maintenance = config.maintenance.enabled.then(|| {
         tokio::spawn(crate::maintenance::run_loop(

@@ -1190,12 +1190,12 @@ impl Bench {
         // When they finished, to line them up with the p99 by second below.
         let finished: Vec<String> = client
             .query(
-                "SELECT relname, 'autovacuum', extract(epoch FROM last_autovacuum)::float8 - $2
-                   FROM pg_stat_user_tables WHERE schemaname = $1 AND last_autovacuum >= to_timestamp($2)
-                 UNION ALL
-                 SELECT relname, 'autoanalyze', extract(epoch FROM last_autoanalyze)::float8 - $2
-                   FROM pg_stat_user_tables WHERE schemaname = $1 AND last_autoanalyze >= to_timestamp($2)
-                 ORDER BY 3",
+                "SELECT relname, work, extract(epoch FROM finished)::float8 - $2
+                   FROM pg_stat_user_tables,
+                        LATERAL (VALUES ('autovacuum', last_autovacuum),
+                                        ('autoanalyze', last_autoanalyze)) AS w(work, finished)
+                  WHERE schemaname = $1 AND finished >= to_timestamp($2)
+                  ORDER BY 3",
                 &[&self.schema, &pg_started],
             )
             .await?

@@ -474,7 +474,6 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
     let max_in_flight = config.pipeline.max_in_flight_bytes;
     let poll_time =
         metrics::histogram!(m::STAGE_DURATION, "stage" => m::stage::POLL, "table" => m::ALL_TABLES);
-    let in_flight_gauge = metrics::gauge!(m::IN_FLIGHT_BYTES);
     let commit_interval = Duration::from_millis(config.kafka.commit_interval_ms);
     let mut requests_open = true;
     // Kafka commits run on a thread of their own, synchronously: their
@@ -533,9 +532,6 @@ pub fn run(parts: ConsumerParts) -> Result<(), KafkaError> {
             None => {}
         }
         took = read_lanes(&consumer, &writers, &in_flight, &health, &poll_time);
-        // Published once a pass, not at every charge and release: those
-        // come once per message from this thread and the batchers.
-        in_flight_gauge.set(in_flight.get() as f64);
     }
 
     // Shutdown: hand nothing more to the writers. Closing their queues tells
