@@ -136,9 +136,14 @@ struct ProcStat {
 
 impl ProcStat {
     fn read(pid: u32) -> Self {
+        Self::live(pid).unwrap_or_default()
+    }
+
+    /// The process's figures, or `None` when it is gone.
+    fn live(pid: u32) -> Option<Self> {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
             .map(|stat| Self::parse(&stat, clock_ticks()))
-            .unwrap_or_default()
     }
 
     /// A stat line, its times in clock ticks of `1 / ticks` seconds.
@@ -205,14 +210,27 @@ fn pids_named(name: &str) -> Vec<u32> {
         .collect()
 }
 
-/// CPU seconds of every PostgreSQL process (backends, walwriter, checkpointer...).
-fn postgres_cpu() -> HashMap<u32, f64> {
-    pids_named("postgres")
+/// CPU seconds of every live process named `name`, by pid: `postgres`
+/// (backends, walwriter, checkpointer...) or the broker, `tansu`.
+fn cpu_by_name(name: &str) -> HashMap<u32, f64> {
+    pids_named(name)
         .into_iter()
-        .map(|pid| (pid, cpu_seconds(pid)))
+        .filter_map(|pid| Some((pid, ProcStat::live(pid)?.cpu_seconds())))
         .collect()
 }
 
+fn postgres_cpu() -> HashMap<u32, f64> {
+    cpu_by_name("postgres")
+}
+
+fn broker_cpu() -> HashMap<u32, f64> {
+    cpu_by_name("tansu")
+}
+
+/// CPU used between two readings of [`cpu_by_name`]: by the processes
+/// alive at the second, a process started in between counted whole. One
+/// that exited in between is left out: its last figures are gone with it
+/// (counting it as 0 made a restarted broker's CPU negative).
 fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
     after
         .iter()
@@ -508,18 +526,14 @@ pub async fn bench(brokers: &str, args: &BenchArgs) -> anyhow::Result<()> {
         quiet: true,
     };
     let brokers_owned = brokers.to_string();
-    let broker_pids = pids_named("tansu");
-    let (generator_before, broker_before) = (
-        cpu_seconds(std::process::id()),
-        broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
-    );
+    let (generator_before, broker_before) = (cpu_seconds(std::process::id()), broker_cpu());
     let preloaded =
         tokio::task::spawn_blocking(move || produce(&brokers_owned, &preload)).await??;
     let preload_cost = Preload {
         events,
         events_per_second: preloaded.achieved_rate,
         generator_cpu: cpu_seconds(std::process::id()) - generator_before,
-        broker_cpu: broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+        broker_cpu: cpu_delta(&broker_before, &broker_cpu()),
     };
     println!(
         "preloaded at {:.0} events/s: generator {:.1} us CPU/event, broker {:.1} us CPU/event",
@@ -992,17 +1006,13 @@ impl Bench {
         let mut child =
             self.spawn_weir_with(text, writers, &group, http, &format!("{path}-{writers}"))?;
         let pid = child.id();
-        let brokers = pids_named("tansu");
         Self::wait_ready(http).await?;
         let count_sql = format!("SELECT count(*) FROM \"{}\".wa_events", self.schema);
         // Rows weir may already have written between readiness and now are
         // left out of the rate.
         let already = client.query_one(&count_sql, &[]).await?.get::<_, i64>(0) as u64;
-        let (weir_before, broker_before, cpu_before) = (
-            ProcStat::read(pid),
-            brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
-            postgres_cpu(),
-        );
+        let (weir_before, broker_before, cpu_before) =
+            (ProcStat::read(pid), broker_cpu(), postgres_cpu());
         let profiler = if self.args.profile {
             Some(self.start_profile(pid, &format!("perf-{path}-{writers}.data"))?)
         } else {
@@ -1029,7 +1039,7 @@ impl Bench {
         let (postgres_cpu, weir_cpu, broker_cpu, sessions) = (
             cpu_delta(&cpu_before, &postgres_cpu()),
             weir_after.cpu_seconds() - weir_before.cpu_seconds(),
-            brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            cpu_delta(&broker_before, &broker_cpu()),
             sampler.loads(),
         );
         if let Some(profiler) = profiler {
@@ -1140,15 +1150,14 @@ impl Bench {
         // Who uses the machine while the traffic runs: on one machine the
         // generator and the broker compete with weir and PostgreSQL, and a
         // saturated machine sets the tail whatever weir does.
-        let broker_pids = pids_named("tansu");
         let weir_pid = child.id();
         let cpu_now = || {
-            [
+            (
                 cpu_seconds(weir_pid),
-                postgres_cpu().values().sum::<f64>(),
-                broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+                postgres_cpu(),
+                broker_cpu(),
                 cpu_seconds(std::process::id()),
-            ]
+            )
         };
         let background_before = self.background(client).await?;
         let pg_started: f64 = client
@@ -1168,7 +1177,13 @@ impl Bench {
         }
         let wall = traffic_started.elapsed().as_secs_f64();
         let cpu_after = cpu_now();
-        let cores: [f64; 4] = std::array::from_fn(|i| (cpu_after[i] - cpu_before[i]) / wall);
+        let cores = [
+            cpu_after.0 - cpu_before.0,
+            cpu_delta(&cpu_before.1, &cpu_after.1),
+            cpu_delta(&cpu_before.2, &cpu_after.2),
+            cpu_after.3 - cpu_before.3,
+        ]
+        .map(|seconds| seconds / wall);
         let background_after = self.background(client).await?;
         let background: [i64; 4] =
             std::array::from_fn(|i| background_after[i] - background_before[i]);
@@ -1440,8 +1455,7 @@ async fn broker_read_ceiling(brokers: &str, topic: &str, events: u64) -> anyhow:
             assignment.add_partition_offset(&topic, partition, rdkafka::Offset::Beginning)?;
         }
         consumer.assign(&assignment)?;
-        let broker_pids = pids_named("tansu");
-        let broker_before = broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+        let broker_before = broker_cpu();
         let started = Instant::now();
         let mut read = 0u64;
         while read < events {
@@ -1459,7 +1473,7 @@ async fn broker_read_ceiling(brokers: &str, topic: &str, events: u64) -> anyhow:
             seconds: started.elapsed().as_secs_f64(),
             postgres_cpu: 0.0,
             weir_cpu: 0.0,
-            broker_cpu: broker_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - broker_before,
+            broker_cpu: cpu_delta(&broker_before, &broker_cpu()),
             ..Measure::default()
         })
     })
@@ -1706,7 +1720,8 @@ weir_writer_seconds_sum{writer=\"1\",state=\"idle\"} 6
 
 #[cfg(test)]
 mod proc_stat_tests {
-    use super::ProcStat;
+    use super::{ProcStat, cpu_delta};
+    use std::collections::HashMap;
 
     /// Fields are counted from the name's last `)`, whatever the name
     /// holds: minflt is field 10, utime 14, stime 15 (proc(5)).
@@ -1722,5 +1737,16 @@ mod proc_stat_tests {
         // A line cut short reads as nothing, not as a neighbour's field.
         let cut = ProcStat::parse("4242 (weir) S 1 4242", 100.0);
         assert_eq!((cut.minor_faults, cut.cpu_seconds()), (0.0, 0.0));
+    }
+
+    /// A process that exits between the readings is left out rather than
+    /// counted as having given its CPU back; one started in between counts
+    /// whole.
+    #[test]
+    fn cpu_deltas_leave_out_processes_that_exited() {
+        let before = HashMap::from([(10, 5.0), (11, 40.0)]);
+        let after = HashMap::from([(10, 6.5), (12, 0.25)]);
+        assert_eq!(cpu_delta(&before, &after), 1.75);
+        assert_eq!(cpu_delta(&before, &HashMap::new()), 0.0);
     }
 }
