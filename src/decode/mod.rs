@@ -58,7 +58,7 @@ struct Origin<'a> {
 /// One exploded item and where it came from.
 struct Item<'v> {
     value: &'v Json<'v>,
-    indices: Vec<u32>,
+    indices: pointer::Indices,
     kind: Option<&'v str>,
     ordinal: u32,
     path: usize,
@@ -353,7 +353,7 @@ fn explode<'v>(source: &'v CompiledSource, root: &'v Json<'v>) -> Vec<Item<'v>> 
     if source.explode.is_empty() {
         return vec![Item {
             value: root,
-            indices: Vec::new(),
+            indices: pointer::Indices::new(),
             kind: None,
             ordinal: 0,
             path: usize::MAX,
@@ -366,7 +366,7 @@ fn explode<'v>(source: &'v CompiledSource, root: &'v Json<'v>) -> Vec<Item<'v>> 
             let ordinal = items.len() as u32;
             items.push(Item {
                 value,
-                indices: indices.to_vec(),
+                indices: pointer::Indices::from_slice(indices),
                 kind,
                 ordinal,
                 path: path_index,

@@ -7,7 +7,14 @@
 //! *event pointer* its wildcards are *bound* to an item's indices, so
 //! `/entry/*/changes/*/value/metadata` reaches the envelope of that very item.
 
+use smallvec::SmallVec;
+
 use crate::json::{Json, Wanted};
+
+/// The array index taken at each `*` of a match. Held inline: webhook
+/// explode paths have up to three wildcards, and a vector per exploded
+/// item was one allocation and free per row.
+pub type Indices = SmallVec<[u32; 4]>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
@@ -112,7 +119,7 @@ impl Pointer {
         root: &'v Json<'v>,
         found: &mut dyn FnMut(&'v Json<'v>, &[u32]),
     ) {
-        let mut indices = Vec::with_capacity(self.wildcards());
+        let mut indices = Indices::new();
         walk(&self.tokens, root, &mut indices, found);
     }
 
@@ -148,7 +155,7 @@ impl Pointer {
 fn walk<'v>(
     tokens: &[Token],
     current: &'v Json<'v>,
-    indices: &mut Vec<u32>,
+    indices: &mut Indices,
     found: &mut dyn FnMut(&'v Json<'v>, &[u32]),
 ) {
     let Some((token, rest)) = tokens.split_first() else {
